@@ -1,0 +1,174 @@
+"""All settings, in one place.
+
+Sources, strongest first: explicit overrides (CLI flags), ``EXCHANGE_*``
+environment variables, one TOML file (``--config`` or ``EXCHANGE_CONFIG``),
+then the defaults below. Every default is the safe one: loopback only, the
+development identity provider off, data under a per-service directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from exchange.errors import ConfigurationError
+
+ENV_PREFIX = "EXCHANGE_"
+MiB = 1024 * 1024
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Identifier = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+
+
+def _repo_policies() -> Path:
+    return Path(__file__).resolve().parent.parent / "policies"
+
+
+class TenantSettings(BaseModel):
+    """A healthcare group hosted on a node; its data and key are its own."""
+
+    model_config = {"extra": "forbid"}
+
+    organization: Identifier
+    name: str = ""
+
+
+class IssuerSettings(BaseModel):
+    """An OIDC issuer the hub trusts (the HIE's identity provider)."""
+
+    model_config = {"extra": "forbid"}
+
+    issuer: str
+    #: Defaults to ``{issuer}/.well-known/jwks.json`` via OIDC discovery.
+    jwks_uri: str | None = None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    # -- every service ---------------------------------------------------
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    #: Base URL others use to reach this service; defaults to http://host:port.
+    public_url: str | None = None
+    #: Where this service keeps its files; defaults to ./exchange-data/<service>.
+    data_dir: Path | None = None
+    #: SQLAlchemy URL; defaults to SQLite (WAL) inside data_dir.
+    database_url: str | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = "json"
+    #: Development conveniences (plain HTTP off loopback, dev IdP). Never in production.
+    dev_mode: bool = False
+    #: Largest JSON/FHIR request body accepted.
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 16 * MiB
+    #: Largest STOW-RS upload accepted (streamed to disk, never held in memory).
+    max_upload_bytes: Annotated[int, Field(ge=1024)] = 4096 * MiB
+
+    # -- hub ---------------------------------------------------------------
+    #: Run the built-in development identity provider at {hub}/idp. Demo and tests only.
+    dev_idp: bool = False
+    #: OIDC issuers whose tokens the hub accepts (the HIE's identity provider).
+    issuers: list[IssuerSettings] = []
+    #: Audience the hub expects in access tokens.
+    audience: str = "exchange"
+    #: Lifetime of a hub-to-node grant; DESIGN.md caps it at 60 s.
+    grant_ttl_seconds: Annotated[int, Field(ge=1, le=60)] = 30
+    policy_engine: Literal["embedded", "server"] = "embedded"
+    policy_dir: Path = Field(default_factory=_repo_policies)
+    #: OPA server base URL, used when policy_engine = "server".
+    opa_url: str | None = None
+
+    # -- node --------------------------------------------------------------
+    node_id: Identifier = "node"
+    #: The hub this node publishes to and takes grants from.
+    hub_url: str | None = None
+    tenants: dict[Identifier, TenantSettings] = {}
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = settings_cls.model_config.get("toml_file")
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    @field_validator("public_url", "hub_url", "opa_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.policy_engine == "server" and not self.opa_url:
+            raise ValueError("policy_engine = 'server' needs opa_url")
+        if self.dev_idp and not self.dev_mode:
+            raise ValueError(
+                "dev_idp needs dev_mode = true (the development IdP is not for production)"
+            )
+        return self
+
+    # -- derived -----------------------------------------------------------
+    def base_url(self) -> str:
+        return self.public_url or f"http://{self.host}:{self.port}"
+
+    def data_path(self, service: str) -> Path:
+        return (self.data_dir or Path.cwd() / "exchange-data" / service).resolve()
+
+    def database(self, service: str) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_path(service) / 'exchange.db'}"
+
+
+def _setting_name(loc: tuple[int | str, ...]) -> str:
+    if not loc:
+        return "configuration"
+    return ENV_PREFIX + "__".join(str(part) for part in loc).upper()
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build validated settings or raise ``ConfigurationError`` naming the bad setting."""
+    env_file = os.environ.get(f"{ENV_PREFIX}CONFIG")
+    path = config_file or (Path(env_file) if env_file else None)
+    if path is not None and not path.is_file():
+        raise ConfigurationError(f"configuration file {path} does not exist")
+
+    class _FileSettings(Settings):
+        model_config = SettingsConfigDict(toml_file=path)
+
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        settings = _FileSettings(**clean)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        got = first.get("input")
+        shown = f" (got {got!r})" if isinstance(got, str | int | float) else ""
+        raise ConfigurationError(f"{_setting_name(first['loc'])}: {first['msg']}{shown}") from None
+    except ValueError as exc:  # e.g. TOML syntax or JSON in a complex env value
+        raise ConfigurationError(f"invalid configuration: {exc}") from None
+    return settings

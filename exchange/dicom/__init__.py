@@ -1,0 +1,1 @@
+"""DICOM parsing, validation, sanitising and (later) ImagingStudy building."""

@@ -1,0 +1,130 @@
+"""DICOM Part 10 validation and preamble sanitising.
+
+An instance is accepted only if it is a Part 10 file (128-byte preamble,
+``DICM``, File Meta Information) carrying the identifiers the exchange needs.
+The preamble is free-form by the standard, which lets a file be both a valid
+DICOM object and a Windows/ELF executable (CVE-2019-11687); we always replace
+it with zeros and record when it was not already zero.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+PREAMBLE_LENGTH = 128
+PREFIX = b"DICM"
+ZERO_PREAMBLE = bytes(PREAMBLE_LENGTH)
+
+_REQUIRED = {
+    "StudyInstanceUID": "Study Instance UID",
+    "SeriesInstanceUID": "Series Instance UID",
+    "SOPInstanceUID": "SOP Instance UID",
+    "SOPClassUID": "SOP Class UID",
+    "PatientID": "Patient ID",
+}
+
+# Failure reasons from PS3.4 / PS3.18 (Store Instances Response).
+REASON_PROCESSING_FAILURE = 0x0110
+REASON_DUPLICATE = 0x0111
+REASON_CANNOT_UNDERSTAND = 0xC000
+REASON_TOO_LARGE = 0xA700  # "out of resources"
+REASON_NOT_AUTHORISED = 0x0124
+
+
+class InvalidInstance(Exception):
+    """The input is not an instance we accept. ``reason`` is a PS3.4 failure code."""
+
+    def __init__(self, message: str, reason: int = REASON_CANNOT_UNDERSTAND) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """What the store indexes about one instance. Never logged (it holds PHI)."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    patient_id: str
+    transfer_syntax_uid: str
+    modality: str | None
+    study_date: str | None
+    series_number: int | None
+    instance_number: int | None
+    preamble_was_clean: bool
+    dataset: Dataset
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    text = str(value).strip() if value is not None else ""
+    if not text:
+        raise InvalidInstance(f"missing {_REQUIRED[keyword]}")
+    if keyword != "PatientID" and (
+        len(text) > 64 or not all(c.isdigit() or c == "." for c in text)
+    ):
+        raise InvalidInstance(f"{_REQUIRED[keyword]} is not a valid UID")
+    return text
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def read_header(stream: BinaryIO) -> InstanceHeader:
+    """Validate a Part 10 instance read from ``stream`` (positioned at its start)."""
+    preamble = stream.read(PREAMBLE_LENGTH)
+    prefix = stream.read(len(PREFIX))
+    if len(preamble) < PREAMBLE_LENGTH or prefix != PREFIX:
+        raise InvalidInstance("not a DICOM Part 10 file (no 128-byte preamble and 'DICM' prefix)")
+    stream.seek(0)
+    try:
+        ds = pydicom.dcmread(stream, stop_before_pixels=True, force=False)
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError) as exc:
+        raise InvalidInstance(f"the DICOM data cannot be parsed ({type(exc).__name__})") from None
+    except Exception as exc:  # pydicom raises a wide variety on hostile input
+        raise InvalidInstance(f"the DICOM data cannot be parsed ({type(exc).__name__})") from None
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    if not syntax:
+        raise InvalidInstance("the File Meta Information has no Transfer Syntax UID")
+    try:
+        header = InstanceHeader(
+            study_uid=_uid(ds, "StudyInstanceUID"),
+            series_uid=_uid(ds, "SeriesInstanceUID"),
+            sop_uid=_uid(ds, "SOPInstanceUID"),
+            sop_class_uid=_uid(ds, "SOPClassUID"),
+            patient_id=_uid(ds, "PatientID"),
+            transfer_syntax_uid=syntax,
+            modality=str(ds.get("Modality") or "") or None,
+            study_date=str(ds.get("StudyDate") or "") or None,
+            series_number=_int(ds, "SeriesNumber"),
+            instance_number=_int(ds, "InstanceNumber"),
+            preamble_was_clean=preamble == ZERO_PREAMBLE,
+            dataset=ds,
+        )
+    except InvalidInstance:
+        raise
+    except Exception as exc:  # a value that cannot be decoded is bad input, not our failure
+        raise InvalidInstance(f"the DICOM data cannot be decoded ({type(exc).__name__})") from None
+    meta_sop = str(ds.file_meta.get("MediaStorageSOPInstanceUID", "") or "")
+    if meta_sop and meta_sop != header.sop_uid:
+        raise InvalidInstance("File Meta SOP Instance UID does not match the data set's")
+    return header
+
+
+def read_header_bytes(data: bytes) -> InstanceHeader:
+    return read_header(io.BytesIO(data))

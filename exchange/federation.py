@@ -1,0 +1,181 @@
+"""Start a hub and site nodes as real processes on loopback.
+
+The demo and the integration tests both use this, so what the tests exercise
+is exactly what a newcomer runs: ``python -m exchange serve …`` processes on
+free ports, each with its own data directory and log file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+READY_TIMEOUT_SECONDS = 60.0
+STOP_TIMEOUT_SECONDS = 10.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """Linux: the child gets SIGTERM if the parent dies, so nothing is left behind."""
+    os.setsid()
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Service:
+    name: str
+    url: str
+    data_dir: Path
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+@dataclass
+class NodeSpec:
+    node_id: str
+    organization: str
+    tenant: str
+
+
+@dataclass
+class LocalFederation:
+    root: Path
+    nodes: list[NodeSpec]
+    hub_env: dict[str, str] = field(default_factory=dict)
+    node_env: dict[str, str] = field(default_factory=dict)
+    services: dict[str, Service] = field(default_factory=dict)
+
+    # -- lifecycle -----------------------------------------------------------
+    def start(self) -> LocalFederation:
+        try:
+            hub = self._spawn(
+                "hub",
+                ["serve", "hub"],
+                {
+                    "EXCHANGE_DEV_MODE": "true",
+                    "EXCHANGE_DEV_IDP": "true",
+                    **self.hub_env,
+                },
+            )
+            self._wait_ready(hub)
+            for spec in self.nodes:
+                tenants = {spec.tenant: {"organization": spec.organization}}
+                node = self._spawn(
+                    spec.node_id,
+                    ["serve", "node"],
+                    {
+                        "EXCHANGE_NODE_ID": spec.node_id,
+                        "EXCHANGE_TENANTS": json.dumps(tenants),
+                        "EXCHANGE_HUB_URL": hub.url,
+                        "EXCHANGE_DEV_MODE": "true",
+                        **self.node_env,
+                    },
+                )
+                self._wait_ready(node)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM every process group, then SIGKILL what is still there."""
+        running = [s for s in self.services.values() if s.process and s.process.poll() is None]
+        for service in running:
+            assert service.process is not None
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(service.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+        for service in running:
+            assert service.process is not None
+            try:
+                service.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(service.process.pid, signal.SIGKILL)
+                service.process.wait()
+
+    def __enter__(self) -> LocalFederation:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    # -- access --------------------------------------------------------------
+    @property
+    def hub(self) -> Service:
+        return self.services["hub"]
+
+    def node(self, node_id: str) -> Service:
+        return self.services[node_id]
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {s.name} ({s.log_path}) ---\n{s.log_tail()}" for s in self.services.values()
+        )
+
+    # -- internals -----------------------------------------------------------
+    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> Service:
+        port = free_port()
+        data_dir = self.root / name
+        data_dir.mkdir(parents=True, exist_ok=True)
+        service = Service(name, f"http://127.0.0.1:{port}", data_dir, self.root / f"{name}.log")
+        full_env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_")},
+            "EXCHANGE_HOST": "127.0.0.1",
+            "EXCHANGE_PORT": str(port),
+            "EXCHANGE_DATA_DIR": str(data_dir),
+            **env,
+        }
+        with service.log_path.open("ab") as log:
+            service.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+                [sys.executable, "-m", "exchange", *args],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=full_env,
+                preexec_fn=_die_with_parent,
+            )
+        self.services[name] = service
+        return service
+
+    def _wait_ready(self, service: Service) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            assert service.process is not None
+            if service.process.poll() is not None:
+                raise RuntimeError(
+                    f"{service.name} exited with {service.process.returncode}:\n"
+                    f"{service.log_tail()}"
+                )
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{service.url}/readyz", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.1)
+        raise RuntimeError(
+            f"{service.name} was not ready within {READY_TIMEOUT_SECONDS:.0f}s:\n"
+            f"{service.log_tail()}"
+        )

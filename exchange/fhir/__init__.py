@@ -1,0 +1,1 @@
+"""The FHIR index: R4 models, validation, persistence and search."""

@@ -1,0 +1,1 @@
+"""The hub: FHIR index, consent-checked broker, decisions and audit. Run by the HIE."""

@@ -1,0 +1,96 @@
+"""What the hub's routes need, built once at start-up (lifespan) and closed at shutdown."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import anyio
+import httpx
+from sqlalchemy import Engine
+
+from exchange.config import Settings
+from exchange.database import make_engine, ping
+from exchange.fhir.store import ResourceStore
+from exchange.policy.engine import PolicyEngine, open_engine
+from exchange.security import devidp, keys
+from exchange.security.tokens import JwtValidator, KeyResolver, jwks_resolver, static_resolver
+from exchange.web.health import Check
+
+log = logging.getLogger(__name__)
+
+SERVICE = "hub"
+
+
+@dataclass
+class HubServices:
+    settings: Settings
+    engine: Engine
+    resources: ResourceStore
+    policy: PolicyEngine
+    grant_key: keys.SigningKey
+    tokens: JwtValidator
+    idp: devidp.DevIdentityProvider | None
+
+    def checks(self) -> list[Check]:
+        async def database() -> None:
+            await anyio.to_thread.run_sync(ping, self.engine)
+
+        async def signing_keys() -> None:
+            self.grant_key.public_jwk()
+
+        async def policy_engine() -> None:
+            await anyio.to_thread.run_sync(self.policy.check)
+
+        return [
+            Check("database", database),
+            Check("keys", signing_keys),
+            Check("policy", policy_engine),
+        ]
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def idp_issuer(settings: Settings) -> str:
+    return f"{settings.base_url()}/idp"
+
+
+def _discovered_resolver(issuer: str) -> KeyResolver:
+    """Find the issuer's JWKS through OIDC discovery on first use."""
+    resolved: list[KeyResolver] = []
+
+    def resolve(token: str) -> object:
+        if not resolved:
+            answer = httpx.get(f"{issuer}/.well-known/openid-configuration", timeout=5)
+            answer.raise_for_status()
+            resolved.append(jwks_resolver(str(answer.json()["jwks_uri"])))
+        return resolved[0](token)
+
+    return resolve
+
+
+def build(settings: Settings) -> HubServices:
+    data_dir = settings.data_path(SERVICE)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.database(SERVICE))
+    resolvers: dict[str, KeyResolver] = {
+        trusted.issuer: jwks_resolver(trusted.jwks_uri)
+        if trusted.jwks_uri
+        else _discovered_resolver(trusted.issuer)
+        for trusted in settings.issuers
+    }
+    idp = None
+    if settings.dev_idp:
+        log.warning(devidp.WARNING)
+        idp = devidp.DevIdentityProvider.open(data_dir, idp_issuer(settings), settings.audience)
+        resolvers[idp.issuer] = static_resolver(idp.key.private.public_key())
+    return HubServices(
+        settings=settings,
+        engine=engine,
+        resources=ResourceStore(engine),
+        policy=open_engine(settings.policy_engine, settings.policy_dir, settings.opa_url),
+        grant_key=keys.load_or_create(data_dir / "keys" / "grant-signing.pem"),
+        tokens=JwtValidator(resolvers, settings.audience),
+        idp=idp,
+    )

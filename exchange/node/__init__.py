@@ -1,0 +1,1 @@
+"""The site node: intake, encrypted multi-tenant store, grant-gated DICOMweb, outbox."""

@@ -1,0 +1,37 @@
+"""The node's app factory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from exchange import __version__
+from exchange.config import Settings
+from exchange.node import services
+from exchange.web.app import finish
+
+DICOMWEB_STOW = "/dicomweb/studies"
+
+
+def create_app(settings: Settings) -> FastAPI:
+    built = services.build(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            built.close()
+
+    app = FastAPI(title=f"Exchange node {settings.node_id}", version=__version__, lifespan=lifespan)
+    app.state.services = built
+
+    def limit_for(path: str) -> int:
+        # STOW-RS streams instances to disk, so it may be far larger than a JSON body.
+        if path.startswith(DICOMWEB_STOW):
+            return settings.max_upload_bytes
+        return settings.max_body_bytes
+
+    return finish(app, limit_for, built.checks)

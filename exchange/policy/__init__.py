@@ -1,0 +1,1 @@
+"""The decision point: Rego policies evaluated by Open Policy Agent."""

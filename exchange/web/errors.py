@@ -1,0 +1,113 @@
+"""Render every error to HTTP in one place.
+
+FHIR routes (``/fhir``) answer an R4 ``OperationOutcome`` as
+``application/fhir+json``; everything else (DICOMweb, health, admin) answers a
+JSON error body. Nothing ever leaks a traceback: an unexpected exception is
+logged with its type and answered as a plain 500.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fhir.resources.R4B.operationoutcome import OperationOutcome
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from exchange.errors import ExchangeError
+
+log = logging.getLogger(__name__)
+
+FHIR_JSON = "application/fhir+json"
+FHIR_PREFIX = "/fhir"
+
+_STATUS_CODES = {
+    400: "invalid",
+    401: "login",
+    403: "forbidden",
+    404: "not-found",
+    405: "not-supported",
+    406: "not-supported",
+    409: "conflict",
+    412: "conflict",
+    413: "too-costly",
+    415: "not-supported",
+    422: "processing",
+    429: "throttled",
+}
+
+
+def operation_outcome(message: str, code: str, severity: str = "error") -> dict[str, Any]:
+    outcome = OperationOutcome.model_validate(
+        {
+            "resourceType": "OperationOutcome",
+            "issue": [{"severity": severity, "code": code, "diagnostics": message}],
+        }
+    )
+    return outcome.model_dump(mode="json", exclude_none=True)
+
+
+def error_response(
+    path: str,
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    """The error body a client of ``path`` expects."""
+    code = code or _STATUS_CODES.get(status, "exception")
+    if path == FHIR_PREFIX or path.startswith(FHIR_PREFIX + "/"):
+        body = operation_outcome(message, code)
+        media_type = FHIR_JSON
+    else:
+        body = {"error": {"status": status, "code": code, "message": message}}
+        media_type = "application/json"
+    return Response(json.dumps(body), status_code=status, media_type=media_type, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return 400, "the request body is not valid JSON"
+    first = errors[0] if errors else {}
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    return 400, f"invalid request: {where}: {first.get('msg', 'invalid value')}"
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ExchangeError)
+    async def _exchange_error(request: Request, exc: ExchangeError) -> Response:
+        if exc.status >= 500:
+            log.warning(
+                "request failed", extra={"error": type(exc).__name__, "path": request.url.path}
+            )
+        return error_response(
+            request.url.path, exc.status, exc.message, code=exc.code, headers=exc.headers
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        message = {
+            404: f"no such resource or route: {request.url.path}",
+            405: f"method {request.method} is not allowed here",
+        }.get(exc.status_code, str(exc.detail))
+        return error_response(
+            request.url.path, exc.status_code, message, headers=dict(exc.headers or {})
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        status, message = _validation_message(exc)
+        return error_response(request.url.path, status, message)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.error("unexpected error", extra={"error": type(exc).__name__, "path": request.url.path})
+        return error_response(
+            request.url.path, 500, "internal error; it has been logged", code="exception"
+        )
