@@ -12,10 +12,6 @@ from exchange.web.errors import error_response
 LimitFor = Callable[[str], int]
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class BodyLimitMiddleware:
     """Answer 413 as soon as a body is known to exceed its route's limit.
 
@@ -47,28 +43,38 @@ class BodyLimitMiddleware:
                     return
 
         received = 0
+        refused = False
         response_started = False
 
         async def counting_receive() -> Message:
-            nonlocal received
+            # Frameworks swallow exceptions raised while reading a body, so instead of
+            # raising we answer 413 ourselves and tell the app the client went away.
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise _TooLarge
+                    refused = True
+                    if not response_started:
+                        await self._refuse(path, limit, scope, receive, send)
+                    return {"type": "http.disconnect"}
             return message
 
-        async def tracking_send(message: Message) -> None:
+        async def guarded_send(message: Message) -> None:
             nonlocal response_started
+            if refused:
+                return  # the 413 has been sent; drop whatever the app says after it
             if message["type"] == "http.response.start":
                 response_started = True
             await send(message)
 
         try:
-            await self.app(scope, counting_receive, tracking_send)
-        except _TooLarge:
-            if not response_started:
-                await self._refuse(path, limit, scope, receive, send)
+            await self.app(scope, counting_receive, guarded_send)
+        except Exception:
+            if not refused:  # after a 413 the app may complain about the "disconnect"
+                raise
 
     @staticmethod
     async def _refuse(path: str, limit: int, scope: Scope, receive: Receive, send: Send) -> None:

@@ -7,19 +7,35 @@ from email.utils import format_datetime
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import Response
 
 from exchange import __version__
-from exchange.errors import MethodNotAllowed, UnsupportedMediaType
+from exchange.errors import BadRequest, MethodNotAllowed, UnsupportedMediaType
 from exchange.fhir import resources
 from exchange.fhir.capability import capability_statement
 from exchange.fhir.store import Stored
 from exchange.hub.deps import CurrentPrincipal, Services
 from exchange.security.scopes import require
-from exchange.web.errors import FHIR_JSON, operation_outcome
+from exchange.web.errors import FHIR_JSON
 
 router = APIRouter(prefix="/fhir", tags=["fhir"])
+
+
+def _served(resource_type: str) -> str:
+    return resources.served_type(resource_type)
+
+
+def _writable(resource_type: str) -> str:
+    resources.served_type(resource_type)
+    if not resources.SERVED[resource_type]:
+        raise MethodNotAllowed(f"{resource_type} is written by the hub only; it is read-only here")
+    return resource_type
+
+
+# Declared before the principal, so an unknown type is 404 whoever asks.
+ServedType = Annotated[str, Depends(_served)]
+WritableType = Annotated[str, Depends(_writable)]
 
 _JSON_TYPES = ("application/fhir+json", "application/json")
 
@@ -51,13 +67,6 @@ async def _resource_body(request: Request, resource_type: str) -> dict[str, Any]
     return resources.to_json(resources.validate(resource_type, data))
 
 
-def _writable(resource_type: str) -> str:
-    resources.served_type(resource_type)
-    if not resources.SERVED[resource_type]:
-        raise MethodNotAllowed(f"{resource_type} is written by the hub only; it is read-only here")
-    return resource_type
-
-
 @router.get("/metadata")
 async def metadata(services: Services) -> Response:
     return _fhir(capability_statement(services.settings.base_url(), __version__))
@@ -65,9 +74,8 @@ async def metadata(services: Services) -> Response:
 
 @router.post("/{resource_type}")
 async def create(
-    resource_type: str, request: Request, services: Services, principal: CurrentPrincipal
+    resource_type: WritableType, request: Request, services: Services, principal: CurrentPrincipal
 ) -> Response:
-    _writable(resource_type)
     require(principal.scopes, resource_type, "c")
     body = await _resource_body(request, resource_type)
     body.pop("id", None)
@@ -77,9 +85,8 @@ async def create(
 
 @router.get("/{resource_type}/{rid}")
 async def read(
-    resource_type: str, rid: str, services: Services, principal: CurrentPrincipal
+    resource_type: ServedType, rid: str, services: Services, principal: CurrentPrincipal
 ) -> Response:
-    resources.served_type(resource_type)
     require(principal.scopes, resource_type, "r")
     stored = await anyio.to_thread.run_sync(services.resources.read, resource_type, rid)
     return _resource_response(stored, 200, services.settings.base_url())
@@ -87,9 +94,12 @@ async def read(
 
 @router.get("/{resource_type}/{rid}/_history/{version}")
 async def vread(
-    resource_type: str, rid: str, version: int, services: Services, principal: CurrentPrincipal
+    resource_type: ServedType,
+    rid: str,
+    version: int,
+    services: Services,
+    principal: CurrentPrincipal,
 ) -> Response:
-    resources.served_type(resource_type)
     require(principal.scopes, resource_type, "r")
     stored = await anyio.to_thread.run_sync(services.resources.vread, resource_type, rid, version)
     return _resource_response(stored, 200, services.settings.base_url())
@@ -97,23 +107,17 @@ async def vread(
 
 @router.put("/{resource_type}/{rid}")
 async def update(
-    resource_type: str,
+    resource_type: WritableType,
     rid: str,
     request: Request,
     services: Services,
     principal: CurrentPrincipal,
     if_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    _writable(resource_type)
     require(principal.scopes, resource_type, "u")
     body = await _resource_body(request, resource_type)
     if body.get("id") not in (None, rid):
-        return _fhir(
-            operation_outcome(
-                f"the body's id {body.get('id')!r} does not match the URL", "invalid"
-            ),
-            400,
-        )
+        raise BadRequest(f"the body's id {body.get('id')!r} does not match the URL ({rid})")
     stored, created = await anyio.to_thread.run_sync(
         services.resources.update, resource_type, rid, body, if_match
     )

@@ -1,0 +1,131 @@
+"""The encrypted multi-tenant store, on a real SQLite database and real files."""
+
+import io
+import os
+
+import pytest
+
+from exchange.database import make_engine
+from exchange.dicom.part10 import REASON_DUPLICATE, InvalidInstance
+from exchange.node.store import InstanceStore, Outcome, StoredInstance
+from exchange.security.keystore import FileKeyStore
+from tests.dicomdata import generated, with_preamble
+
+PE_HEADER = b"MZ\x90\x00\x03\x00\x00\x00\x04\x00\x00\x00\xff\xff"
+
+
+@pytest.fixture
+def store(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+    keys = FileKeyStore(tmp_path / "keys", ["tenant-a", "tenant-b"])
+    return InstanceStore(engine, tmp_path / "blobs", keys, max_instance_bytes=10 * 1024 * 1024)
+
+
+def _read(store, tenant, sop_uid) -> bytes:
+    out = io.BytesIO()
+    store.copy_out(tenant, sop_uid, out)
+    return out.getvalue()
+
+
+def test_round_trip_returns_the_same_bytes(store):
+    data = generated()[0]
+    result = store.store("tenant-a", io.BytesIO(data))
+    assert result.outcome is Outcome.STORED
+    assert _read(store, "tenant-a", result.sop_uid) == data
+
+
+def test_data_at_rest_is_encrypted(store, tmp_path):
+    data = generated(patient_id="SECRET-MRN-123")[0]
+    store.store("tenant-a", io.BytesIO(data))
+    blobs = [p for p in (tmp_path / "blobs").rglob("*.enc")]
+    assert len(blobs) == 1
+    raw = blobs[0].read_bytes()
+    assert b"SECRET-MRN-123" not in raw
+    assert b"DICM" not in raw
+    assert b"Test^Patient" not in raw
+
+
+def test_executable_preamble_is_zeroed_and_recorded(store):
+    data = with_preamble(generated()[0], PE_HEADER)
+    result = store.store("tenant-a", io.BytesIO(data))
+    assert result.preamble_sanitised
+    stored = _read(store, "tenant-a", result.sop_uid)
+    assert stored[:128] == bytes(128)
+    assert stored[128:] == data[128:]
+
+
+def test_storing_twice_is_idempotent(store):
+    data = generated()[0]
+    store.store("tenant-a", io.BytesIO(data))
+    again = store.store("tenant-a", io.BytesIO(data))
+    assert again.outcome is Outcome.ALREADY_PRESENT
+    assert len(store.instances("tenant-a")) == 1
+
+
+def test_different_content_under_same_uid_is_refused_and_original_kept(store):
+    data = generated()[0]
+    result = store.store("tenant-a", io.BytesIO(data))
+    tampered = data[:-4] + b"\x01\x02\x03\x04"
+    with pytest.raises(InvalidInstance) as raised:
+        store.store("tenant-a", io.BytesIO(tampered))
+    assert raised.value.reason == REASON_DUPLICATE
+    assert _read(store, "tenant-a", result.sop_uid) == data
+
+
+def test_tenants_are_isolated(store):
+    data = generated()[0]
+    result = store.store("tenant-a", io.BytesIO(data))
+    assert store.instances("tenant-b") == []
+    with pytest.raises(KeyError):
+        _read(store, "tenant-b", result.sop_uid)
+
+
+def test_a_blob_moved_to_another_tenant_does_not_decrypt(store, tmp_path):
+    """Even with database access, tenant B's key cannot open tenant A's blob."""
+    from sqlmodel import Session, select
+
+    a = store.store("tenant-a", io.BytesIO(generated(accession="A")[0]))
+    b = store.store("tenant-b", io.BytesIO(generated(accession="B")[0]))
+    with Session(store._engine) as session:
+        row_a = session.exec(
+            select(StoredInstance).where(StoredInstance.sop_uid == a.sop_uid)
+        ).one()
+        row_b = session.exec(
+            select(StoredInstance).where(StoredInstance.sop_uid == b.sop_uid)
+        ).one()
+        blob_a, blob_b = row_a.blob, row_b.blob
+    (tmp_path / "blobs" / blob_b).write_bytes((tmp_path / "blobs" / blob_a).read_bytes())
+    import tink
+
+    with pytest.raises(tink.TinkError):
+        _read(store, "tenant-b", b.sop_uid)
+
+
+def test_rejected_input_stores_nothing(store, tmp_path):
+    with pytest.raises(InvalidInstance):
+        store.store("tenant-a", io.BytesIO(b"not dicom at all" * 20))
+    assert store.instances("tenant-a") == []
+    assert not [p for p in (tmp_path / "blobs").rglob("*") if p.is_file()]
+
+
+def test_oversized_instance_is_refused(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+    keys = FileKeyStore(tmp_path / "keys", ["t"])
+    small = InstanceStore(engine, tmp_path / "blobs", keys, max_instance_bytes=1024)
+    with pytest.raises(InvalidInstance, match="exceeds the limit"):
+        small.store("t", io.BytesIO(generated()[0]))
+
+
+def test_keys_are_private_files_and_survive_restart(tmp_path):
+    keys = FileKeyStore(tmp_path / "keys", ["t"])
+    path = tmp_path / "keys" / "t.keyset"
+    assert path.stat().st_mode & 0o777 == 0o600
+    engine = make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+    store = InstanceStore(engine, tmp_path / "blobs", keys, 10 * 1024 * 1024)
+    data = generated()[0]
+    result = store.store("t", io.BytesIO(data))
+    reopened = InstanceStore(
+        engine, tmp_path / "blobs", FileKeyStore(tmp_path / "keys", ["t"]), 10 * 1024 * 1024
+    )
+    assert _read(reopened, "t", result.sop_uid) == data
+    assert oct(os.stat(tmp_path / "keys").st_mode & 0o777) == oct(0o700)
