@@ -12,7 +12,14 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -97,6 +104,8 @@ class Settings(BaseSettings):
     #: The hub this node publishes to and takes grants from.
     hub_url: str | None = None
     tenants: dict[Identifier, TenantSettings] = {}
+    #: Base64 of 32 bytes protecting the tenant keys; else <data_dir>/keys/master.key (0600).
+    master_key: SecretStr | None = None
 
     @classmethod
     def settings_customise_sources(

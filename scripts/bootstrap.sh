@@ -7,6 +7,12 @@ cd "$(dirname "$0")/.."
 # Debian packages the project needs: PostgreSQL for the scale-out database tests.
 DEBIAN_PACKAGES=(postgresql)
 
+PYTHON="${PYTHON:-python3}"
+# Debian splits venv/ensurepip out of the interpreter package.
+if command -v "$PYTHON" >/dev/null && ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then
+  DEBIAN_PACKAGES+=(python3-venv)
+fi
+
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -20,7 +26,6 @@ if [ "${#missing[@]}" -gt 0 ]; then
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-PYTHON="${PYTHON:-python3}"
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
   echo "bootstrap: Python 3.11 or newer is required (found: $("$PYTHON" --version 2>&1))" >&2
   exit 1

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 
 from exchange.hub.services import HubServices
+from exchange.policy.decisions import Subject
 from exchange.security.tokens import Principal, bearer_token
 
 
@@ -26,3 +27,13 @@ def _principal(
 
 
 CurrentPrincipal = Annotated[Principal, Depends(_principal)]
+
+
+def subject_of(principal: Principal) -> Subject:
+    return Subject(
+        id=principal.sub,
+        role=principal.role,
+        organization=principal.organization,
+        purpose_of_use=principal.purpose_of_use,
+        patient=principal.patient,
+    )

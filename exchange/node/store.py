@@ -10,6 +10,7 @@ takes the tenant, so one tenant's rows are unreachable from another's.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 import tempfile
@@ -35,6 +36,7 @@ from exchange.dicom.part10 import (
     InvalidInstance,
     read_header,
 )
+from exchange.security import envelope
 from exchange.security.keystore import KeyStore
 
 CHUNK = 1024 * 1024
@@ -98,7 +100,6 @@ class InstanceStore:
     # -- intake ------------------------------------------------------------
     def store(self, tenant: str, source: BinaryIO) -> StoreResult:
         """Validate and store one Part 10 instance read from a seekable ``source``."""
-        cipher = self._keys.cipher_for(tenant)
         source.seek(0, os.SEEK_END)
         size = source.tell()
         if size > self._max:
@@ -122,7 +123,7 @@ class InstanceStore:
         )
         target = self._blob_dir / relative
         target.parent.mkdir(parents=True, exist_ok=True)
-        self._encrypt_to(target, source, cipher, associated_data(tenant, header.sop_uid))
+        self._encrypt_to(target, source, tenant, associated_data(tenant, header.sop_uid))
         row = StoredInstance(
             tenant=tenant,
             study_uid=header.study_uid,
@@ -187,16 +188,16 @@ class InstanceStore:
             digest.update(chunk)
         return digest.hexdigest()
 
-    def _encrypt_to(self, target: Path, source: BinaryIO, cipher: object, aad: bytes) -> None:
+    def _encrypt_to(self, target: Path, source: BinaryIO, tenant: str, aad: bytes) -> None:
+        """Temp file, fsync, rename: the blob is durable before anything refers to it."""
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as raw:
-                with cipher.new_encrypting_stream(_Unclosed(raw), aad) as encrypted:  # type: ignore[attr-defined]
-                    for chunk in self._sanitised_chunks(source):
-                        encrypted.write(chunk)
+                envelope.encrypt(self._sanitised_chunks(source), raw, self._keys, tenant, aad)
                 raw.flush()
                 os.fsync(raw.fileno())
             os.replace(tmp, target)
+            _fsync_dir(target.parent)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -227,40 +228,24 @@ class InstanceStore:
 
     @contextmanager
     def open(self, tenant: str, sop_uid: str) -> Iterator[BinaryIO]:
-        """A decrypting stream over the stored (sanitised) Part 10 bytes."""
+        """A decrypting, forward-only stream over the stored (sanitised) Part 10 bytes."""
         row = self._find(tenant, sop_uid)
         if row is None:
             raise KeyError(sop_uid)
-        cipher = self._keys.cipher_for(tenant)
-        with (
-            (self._blob_dir / row.blob).open("rb") as raw,
-            cipher.new_decrypting_stream(raw, associated_data(tenant, sop_uid)) as plain,
-        ):
-            yield plain
+        with (self._blob_dir / row.blob).open("rb") as raw:
+            chunks = envelope.decrypt_chunks(
+                raw, self._keys, tenant, associated_data(tenant, sop_uid)
+            )
+            yield io.BufferedReader(envelope.DecryptingReader(chunks), CHUNK)
 
     def copy_out(self, tenant: str, sop_uid: str, destination: BinaryIO) -> None:
         with self.open(tenant, sop_uid) as plain:
             shutil.copyfileobj(plain, destination, CHUNK)
 
 
-class _Unclosed:
-    """Tink closes the stream it writes to; we fsync before closing ourselves."""
-
-    def __init__(self, raw: BinaryIO) -> None:
-        self._raw = raw
-
-    def write(self, data: bytes) -> int:
-        return self._raw.write(data)
-
-    def flush(self) -> None:
-        self._raw.flush()
-
-    def close(self) -> None:
-        self._raw.flush()
-
-    @property
-    def closed(self) -> bool:
-        return False
-
-    def writable(self) -> bool:
-        return True
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

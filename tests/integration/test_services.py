@@ -160,6 +160,22 @@ def test_create_read_update_with_version_checks(federation, tokens):
     assert first.json()["name"] == "Radiology One"
 
 
+def test_patient_data_is_refused_to_clinicians_with_a_plain_reason(federation, tokens):
+    hub = federation.hub.url
+    created = httpx.post(
+        f"{hub}/fhir/Patient",
+        headers=_auth(tokens["operator"]),
+        json={"resourceType": "Patient", "name": [{"family": "Synthetic"}]},
+    )
+    assert created.status_code == 201
+    refused = httpx.get(
+        f"{hub}/fhir/Patient/{created.json()['id']}", headers=_auth(tokens["clinician"])
+    )
+    assert refused.status_code == 403
+    assert "consent-checked" in refused.json()["issue"][0]["diagnostics"]
+    assert "Synthetic" not in refused.text
+
+
 def test_audit_events_are_not_writable_by_clients(federation, tokens):
     response = httpx.post(
         f"{federation.hub.url}/fhir/AuditEvent",

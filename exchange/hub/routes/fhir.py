@@ -11,12 +11,14 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import Response
 
 from exchange import __version__
-from exchange.errors import BadRequest, MethodNotAllowed, UnsupportedMediaType
+from exchange.errors import BadRequest, Forbidden, MethodNotAllowed, UnsupportedMediaType
 from exchange.fhir import resources
 from exchange.fhir.capability import capability_statement
 from exchange.fhir.store import Stored
-from exchange.hub.deps import CurrentPrincipal, Services
+from exchange.hub.deps import CurrentPrincipal, Services, subject_of
+from exchange.policy import decisions
 from exchange.security.scopes import require
+from exchange.security.tokens import Principal
 from exchange.web.errors import FHIR_JSON
 
 router = APIRouter(prefix="/fhir", tags=["fhir"])
@@ -59,6 +61,25 @@ def _resource_response(stored: Stored, status: int, base: str) -> Response:
     )
 
 
+_INTERACTIONS = {"c": "create", "r": "read", "u": "update"}
+
+
+async def _authorize(
+    services: Services, principal: Principal, resource_type: str, interaction: str
+) -> None:
+    """Scopes first (what the token allows), then the HIE's policy (what the person may do)."""
+    require(principal.scopes, resource_type, interaction)
+    decision = await anyio.to_thread.run_sync(
+        decisions.fhir_interaction,
+        services.policy,
+        subject_of(principal),
+        _INTERACTIONS[interaction],
+        resource_type,
+    )
+    if not decision.allow:
+        raise Forbidden(decision.reason())
+
+
 async def _resource_body(request: Request, resource_type: str) -> dict[str, Any]:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in _JSON_TYPES:
@@ -76,7 +97,7 @@ async def metadata(services: Services) -> Response:
 async def create(
     resource_type: WritableType, request: Request, services: Services, principal: CurrentPrincipal
 ) -> Response:
-    require(principal.scopes, resource_type, "c")
+    await _authorize(services, principal, resource_type, "c")
     body = await _resource_body(request, resource_type)
     body.pop("id", None)
     stored = await anyio.to_thread.run_sync(services.resources.create, resource_type, body)
@@ -87,7 +108,7 @@ async def create(
 async def read(
     resource_type: ServedType, rid: str, services: Services, principal: CurrentPrincipal
 ) -> Response:
-    require(principal.scopes, resource_type, "r")
+    await _authorize(services, principal, resource_type, "r")
     stored = await anyio.to_thread.run_sync(services.resources.read, resource_type, rid)
     return _resource_response(stored, 200, services.settings.base_url())
 
@@ -100,7 +121,7 @@ async def vread(
     services: Services,
     principal: CurrentPrincipal,
 ) -> Response:
-    require(principal.scopes, resource_type, "r")
+    await _authorize(services, principal, resource_type, "r")
     stored = await anyio.to_thread.run_sync(services.resources.vread, resource_type, rid, version)
     return _resource_response(stored, 200, services.settings.base_url())
 
@@ -114,7 +135,7 @@ async def update(
     principal: CurrentPrincipal,
     if_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    require(principal.scopes, resource_type, "u")
+    await _authorize(services, principal, resource_type, "u")
     body = await _resource_body(request, resource_type)
     if body.get("id") not in (None, rid):
         raise BadRequest(f"the body's id {body.get('id')!r} does not match the URL ({rid})")
