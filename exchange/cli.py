@@ -138,6 +138,51 @@ def _dev_token(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _node_settings(args: argparse.Namespace) -> Any:
+    return _settings(args, data_dir=args.data_dir, node_id=args.node_id)
+
+
+def _api_key(args: argparse.Namespace) -> int:
+    from exchange.node.services import build
+
+    settings = _node_settings(args)
+    if args.tenant not in settings.tenants:
+        raise ConfigurationError(f"unknown tenant {args.tenant!r} on this node")
+    services = build(settings)
+    try:
+        if args.revoke:
+            count = services.credentials.revoke_api_keys(args.tenant)
+            print(f"revoked {count} API key(s) of tenant {args.tenant}")
+        else:
+            print(services.credentials.create_api_key(args.tenant, args.label or ""))
+    finally:
+        services.close()
+    return EXIT_OK
+
+
+def _shred(args: argparse.Namespace) -> int:
+    from exchange.node.services import service_name
+    from exchange.security.keystore import shred
+
+    settings = _node_settings(args)
+    if args.confirm != args.tenant:
+        raise ConfigurationError(
+            f"shredding destroys every image of tenant {args.tenant!r} for ever; "
+            f"repeat the tenant id with --confirm {args.tenant} to proceed"
+        )
+    directory = settings.data_path(service_name(settings)) / "keys" / "tenants"
+    if not shred(directory, args.tenant):
+        raise ConfigurationError(f"tenant {args.tenant!r} has no key on this node")
+    print(f"tenant {args.tenant}: key destroyed; its images and index can no longer be read")
+    return EXIT_OK
+
+
+def _add_node_flags(parser: argparse.ArgumentParser) -> None:
+    _add_config(parser)
+    parser.add_argument("--data-dir", type=Path, metavar="DIR", help="the node's data directory")
+    parser.add_argument("--node-id", help="the node's id (EXCHANGE_NODE_ID)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from exchange.security.tokens import ROLES
 
@@ -186,6 +231,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     imp.add_argument("--quiet", action="store_true", help="no progress bar")
     imp.set_defaults(handler=_import)
+
+    node_admin = verbs.add_parser("node", help="administer a site node (credentials, keys)")
+    node_verbs = node_admin.add_subparsers(dest="node_verb", metavar="TOOL", parser_class=_Parser)
+    api_key = node_verbs.add_parser("api-key", help="create (or revoke) a tenant's STOW-RS API key")
+    api_key.add_argument("--tenant", required=True)
+    api_key.add_argument("--label", help="what the key is for (shown to operators)")
+    api_key.add_argument("--revoke", action="store_true", help="revoke all of the tenant's keys")
+    _add_node_flags(api_key)
+    api_key.set_defaults(handler=_api_key)
+    shred_parser = node_verbs.add_parser(
+        "shred-tenant", help="destroy a tenant's key: all its data becomes unreadable"
+    )
+    shred_parser.add_argument("--tenant", required=True)
+    shred_parser.add_argument("--confirm", metavar="TENANT", help="repeat the tenant id")
+    _add_node_flags(shred_parser)
+    shred_parser.set_defaults(handler=_shred)
+    node_admin.set_defaults(handler=lambda _a: _missing(node_admin, "TOOL"))
 
     dev = verbs.add_parser("dev", help="development helpers (never for production)")
     dev_verbs = dev.add_subparsers(dest="dev_verb", metavar="TOOL", parser_class=_Parser)

@@ -21,6 +21,10 @@ from pathlib import Path
 
 import httpx
 
+from exchange.security import grants
+from exchange.security.grants import Action
+from exchange.security.keys import load_or_create
+
 READY_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 10.0
 
@@ -45,6 +49,7 @@ class Service:
     url: str
     data_dir: Path
     log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
 
     def log_tail(self, lines: int = 40) -> str:
@@ -132,6 +137,53 @@ class LocalFederation:
     def node(self, node_id: str) -> Service:
         return self.services[node_id]
 
+    def exchange(self, service: str, *args: str) -> str:
+        """Run an ``exchange`` command with ``service``'s configuration; its stdout."""
+        result = subprocess.run(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-m", "exchange", *args],
+            env=self.services[service].env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"exchange {' '.join(args)} failed: {result.stderr.strip()}")
+        return result.stdout
+
+    def api_key(self, node_id: str) -> str:
+        """A new STOW-RS API key for the node's tenant."""
+        spec = next(s for s in self.nodes if s.node_id == node_id)
+        return self.exchange(node_id, "node", "api-key", "--tenant", spec.tenant).strip()
+
+    def import_into(self, node_id: str, path: Path) -> str:
+        """``exchange import`` into the node's tenant, as a site operator would."""
+        spec = next(s for s in self.nodes if s.node_id == node_id)
+        return self.exchange(node_id, "import", str(path), "--tenant", spec.tenant, "--quiet")
+
+    def grant(
+        self,
+        node_id: str,
+        study: str,
+        action: Action = "view",
+        ttl: int = 30,
+        caller: str = "test-caller",
+    ) -> str:
+        """A hub grant for ``study`` at ``node_id``, signed with the hub's key."""
+        spec = next(s for s in self.nodes if s.node_id == node_id)
+        key = load_or_create(self.hub.data_dir / "keys" / "grant-signing.pem")
+        return grants.issue(
+            key,
+            issuer=self.hub.url,
+            node=node_id,
+            caller=caller,
+            study=study,
+            action=action,
+            decision="test-decision",
+            organization=spec.organization,
+            ttl=ttl,
+        )
+
     def logs(self) -> str:
         return "\n".join(
             f"--- {s.name} ({s.log_path}) ---\n{s.log_tail()}" for s in self.services.values()
@@ -142,7 +194,6 @@ class LocalFederation:
         port = free_port()
         data_dir = self.root / name
         data_dir.mkdir(parents=True, exist_ok=True)
-        service = Service(name, f"http://127.0.0.1:{port}", data_dir, self.root / f"{name}.log")
         full_env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_")},
             "EXCHANGE_HOST": "127.0.0.1",
@@ -150,6 +201,9 @@ class LocalFederation:
             "EXCHANGE_DATA_DIR": str(data_dir),
             **env,
         }
+        service = Service(
+            name, f"http://127.0.0.1:{port}", data_dir, self.root / f"{name}.log", env=full_env
+        )
         with service.log_path.open("ab") as log:
             service.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
                 [sys.executable, "-m", "exchange", *args],

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from exchange import __version__
 from exchange.config import Settings
 from exchange.node import services
+from exchange.node.routes import qido, stow, wado
 from exchange.web.app import finish
 
 DICOMWEB_STOW = "/dicomweb/studies"
@@ -27,6 +28,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title=f"Exchange node {settings.node_id}", version=__version__, lifespan=lifespan)
     app.state.services = built
+    app.include_router(stow.router)
+    app.include_router(qido.router)
+    app.include_router(wado.router)
 
     def limit_for(path: str) -> int:
         # STOW-RS streams instances to disk, so it may be far larger than a JSON body.

@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from exchange.config import Settings
 from exchange.dicom.part10 import InvalidInstance
 from exchange.errors import ConfigurationError
-from exchange.node.services import NodeServices, build, service_name
+from exchange.node.services import build, service_name
 from exchange.node.store import InstanceStore, Outcome
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
@@ -125,13 +125,6 @@ def import_files(
     return report
 
 
-def open_store(services: NodeServices) -> InstanceStore:
-    data_dir = services.settings.data_path(service_name(services.settings))
-    return InstanceStore(
-        services.engine, data_dir / "blobs", services.keys, services.settings.max_upload_bytes
-    )
-
-
 def import_path(
     settings: Settings,
     path: Path,
@@ -147,7 +140,7 @@ def import_path(
     services = build(settings)
     quarantine_dir = quarantine or settings.data_path(service_name(settings)) / "quarantine"
     try:
-        report = import_files(open_store(services), tenant, files, quarantine_dir, progress)
+        report = import_files(services.store, tenant, files, quarantine_dir, progress)
     finally:
         services.close()
     return report, quarantine_dir

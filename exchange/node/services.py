@@ -10,8 +10,14 @@ from sqlalchemy import Engine
 
 from exchange.config import Settings
 from exchange.database import make_engine, ping
+from exchange.node.credentials import Credentials
+from exchange.node.store import InstanceStore
+from exchange.security.grants import GrantVerifier
 from exchange.security.keystore import FileKeyStore, master_key
+from exchange.security.tokens import JwtValidator, KeyResolver, jwks_resolver
 from exchange.web.health import Check
+
+JWKS_PATH = "/.well-known/jwks.json"
 
 
 @dataclass
@@ -19,6 +25,10 @@ class NodeServices:
     settings: Settings
     engine: Engine
     keys: FileKeyStore
+    store: InstanceStore
+    credentials: Credentials
+    #: None when no hub is configured: grant-gated routes then refuse everything.
+    grants: GrantVerifier | None
 
     def checks(self) -> list[Check]:
         async def database() -> None:
@@ -45,11 +55,32 @@ def open_keys(settings: Settings, data_dir: Path) -> FileKeyStore:
     return FileKeyStore(data_dir / "keys" / "tenants", master, list(settings.tenants))
 
 
+def _issuer_resolver(issuer: str, jwks_uri: str | None) -> KeyResolver:
+    # OIDC issuers publish their keys at a discovered URI; ours and the dev IdP's are fixed.
+    return jwks_resolver(jwks_uri or f"{issuer}{JWKS_PATH}")
+
+
 def build(settings: Settings) -> NodeServices:
     data_dir = settings.data_path(service_name(settings))
     data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.database(service_name(settings)))
+    keys = open_keys(settings, data_dir)
+    tokens = None
+    if settings.issuers:
+        tokens = JwtValidator(
+            {i.issuer: _issuer_resolver(i.issuer, i.jwks_uri) for i in settings.issuers},
+            settings.audience,
+        )
+    grants = None
+    if settings.hub_url:
+        grants = GrantVerifier(
+            settings.hub_url, settings.node_id, jwks_resolver(f"{settings.hub_url}{JWKS_PATH}")
+        )
     return NodeServices(
         settings=settings,
-        engine=make_engine(settings.database(service_name(settings))),
-        keys=open_keys(settings, data_dir),
+        engine=engine,
+        keys=keys,
+        store=InstanceStore(engine, data_dir / "blobs", keys, settings.max_upload_bytes),
+        credentials=Credentials(engine, settings, tokens),
+        grants=grants,
     )

@@ -1,10 +1,11 @@
 """The encrypted, multi-tenant instance store.
 
-Each instance is validated, its preamble zeroed, then streamed through the
-tenant's cipher into a new file that is renamed into place only when complete;
-its index row is written after. A crash leaves at worst an unreferenced blob,
-never a half-written instance or an index row without its data. Every query
-takes the tenant, so one tenant's rows are unreachable from another's.
+Each instance is validated, its preamble zeroed, then streamed through
+envelope encryption into a new file that is fsynced and renamed into place;
+only then is its index row committed. A crash leaves at worst an
+unreferenced blob, never a half-written instance or a row without its data.
+Every query takes the tenant, so one tenant's rows are unreachable from
+another's, and nothing identifying is stored in clear (see ``catalog``).
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from sqlalchemy import Engine, UniqueConstraint
+from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Field, Session, SQLModel, col, select
+from sqlmodel import Session, SQLModel, col, select
 
 from exchange.dicom.part10 import (
     PREAMBLE_LENGTH,
@@ -36,33 +37,11 @@ from exchange.dicom.part10 import (
     InvalidInstance,
     read_header,
 )
+from exchange.node.catalog import InstanceRow, TenantSeal, dicom_json
 from exchange.security import envelope
 from exchange.security.keystore import KeyStore
 
 CHUNK = 1024 * 1024
-
-
-class StoredInstance(SQLModel, table=True):
-    __tablename__ = "instance"
-    __table_args__ = (UniqueConstraint("tenant", "sop_uid"),)
-
-    id: int | None = Field(default=None, primary_key=True)
-    tenant: str = Field(index=True, max_length=64)
-    study_uid: str = Field(index=True, max_length=64)
-    series_uid: str = Field(index=True, max_length=64)
-    sop_uid: str = Field(max_length=64)
-    sop_class_uid: str = Field(max_length=64)
-    transfer_syntax_uid: str = Field(max_length=64)
-    patient_id: str = Field(index=True, max_length=64)
-    modality: str | None = Field(default=None, max_length=16)
-    study_date: str | None = Field(default=None, max_length=8)
-    series_number: int | None = None
-    instance_number: int | None = None
-    size: int
-    sha256: str = Field(max_length=64)
-    blob: str = Field(max_length=200)
-    preamble_sanitised: bool = False
-    stored_at: datetime
 
 
 class Outcome(StrEnum):
@@ -81,6 +60,31 @@ class StoreResult:
     preamble_sanitised: bool
 
 
+@dataclass(frozen=True)
+class InstanceView:
+    """An index row with its attributes unsealed (DICOM JSON)."""
+
+    row: InstanceRow
+    attributes: dict[str, Any]
+
+    def value(self, keyword_tag: str) -> Any:
+        element = self.attributes.get(keyword_tag, {})
+        values = element.get("Value") or [None]
+        return values[0]
+
+    @property
+    def study_uid(self) -> str:
+        return str(self.value("0020000D"))
+
+    @property
+    def series_uid(self) -> str:
+        return str(self.value("0020000E"))
+
+    @property
+    def sop_uid(self) -> str:
+        return str(self.value("00080018"))
+
+
 def associated_data(tenant: str, sop_uid: str) -> bytes:
     """Binds a blob to its tenant and instance: moving it elsewhere breaks decryption."""
     return f"exchange:v1:{tenant}:{sop_uid}".encode()
@@ -95,11 +99,15 @@ class InstanceStore:
         self._keys = keys
         self._max = max_instance_bytes
         blob_dir.mkdir(parents=True, exist_ok=True)
-        SQLModel.metadata.create_all(engine, tables=[StoredInstance.__table__])  # type: ignore[attr-defined]
+        SQLModel.metadata.create_all(engine, tables=[InstanceRow.__table__])  # type: ignore[attr-defined]
+
+    def seal(self, tenant: str) -> TenantSeal:
+        return TenantSeal.of(self._keys, tenant)
 
     # -- intake ------------------------------------------------------------
     def store(self, tenant: str, source: BinaryIO) -> StoreResult:
         """Validate and store one Part 10 instance read from a seekable ``source``."""
+        seal = self.seal(tenant)
         source.seek(0, os.SEEK_END)
         size = source.tell()
         if size > self._max:
@@ -108,59 +116,65 @@ class InstanceStore:
             )
         source.seek(0)
         header = read_header(source)
-        existing = self._find(tenant, header.sop_uid)
+        sop_key = seal.blind("sop", header.sop_uid)
         digest = self._digest(source)
+        existing = self._row(tenant, sop_key)
         if existing is not None:
-            if existing.sha256 == digest:
-                return self._result(Outcome.ALREADY_PRESENT, tenant, header)
-            raise InvalidInstance(
-                "a different instance with this SOP Instance UID is already "
-                "stored; it was kept unchanged",
-                REASON_DUPLICATE,
-            )
-        relative = (
-            Path(tenant) / header.study_uid[-2:].replace(".", "0") / f"{uuid.uuid4().hex}.enc"
-        )
+            return self._existing(existing, digest, tenant, header)
+        name = uuid.uuid4().hex
+        relative = Path(tenant) / name[:2] / f"{name}.enc"
         target = self._blob_dir / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         self._encrypt_to(target, source, tenant, associated_data(tenant, header.sop_uid))
-        row = StoredInstance(
+        attributes = dicom_json(header.dataset)
+        attributes["00020010"] = {"vr": "UI", "Value": [header.transfer_syntax_uid]}
+        row = InstanceRow(
             tenant=tenant,
-            study_uid=header.study_uid,
-            series_uid=header.series_uid,
-            sop_uid=header.sop_uid,
-            sop_class_uid=header.sop_class_uid,
-            transfer_syntax_uid=header.transfer_syntax_uid,
-            patient_id=header.patient_id,
+            study_key=seal.blind("study", header.study_uid),
+            series_key=seal.blind("series", header.series_uid),
+            sop_key=sop_key,
+            patient_key=seal.blind("patient", header.patient_id),
+            accession_key=seal.blind("accession", str(header.dataset.get("AccessionNumber")))
+            if header.dataset.get("AccessionNumber")
+            else None,
+            study_date=header.study_date[:8] if header.study_date else None,
             modality=header.modality,
-            study_date=header.study_date,
             series_number=header.series_number,
             instance_number=header.instance_number,
+            transfer_syntax_uid=header.transfer_syntax_uid,
             size=size,
             sha256=digest,
             blob=str(relative),
             preamble_sanitised=not header.preamble_was_clean,
             stored_at=datetime.now(UTC),
+            attributes=seal.seal(attributes, sop_key),
         )
         try:
             with Session(self._engine) as session:
                 session.add(row)
                 session.commit()
         except IntegrityError:
-            # Someone stored the same SOP instance concurrently: theirs stands.
+            # The same SOP instance was stored concurrently: the first one stands.
             target.unlink(missing_ok=True)
-            winner = self._find(tenant, header.sop_uid)
-            if winner is not None and winner.sha256 == digest:
-                return self._result(Outcome.ALREADY_PRESENT, tenant, header)
-            raise InvalidInstance(
-                "a different instance with this SOP Instance UID is already "
-                "stored; it was kept unchanged",
-                REASON_DUPLICATE,
-            ) from None
+            winner = self._row(tenant, sop_key)
+            if winner is None:
+                raise
+            return self._existing(winner, digest, tenant, header)
         except BaseException:
             target.unlink(missing_ok=True)
             raise
         return self._result(Outcome.STORED, tenant, header)
+
+    def _existing(
+        self, row: InstanceRow, digest: str, tenant: str, header: InstanceHeader
+    ) -> StoreResult:
+        if row.sha256 == digest:
+            return self._result(Outcome.ALREADY_PRESENT, tenant, header)
+        raise InvalidInstance(
+            "a different instance with this SOP Instance UID is already "
+            "stored; it was kept unchanged",
+            REASON_DUPLICATE,
+        )
 
     @staticmethod
     def _result(outcome: Outcome, tenant: str, header: InstanceHeader) -> StoreResult:
@@ -203,33 +217,73 @@ class InstanceStore:
             raise
 
     # -- reading -------------------------------------------------------------
-    def _find(self, tenant: str, sop_uid: str) -> StoredInstance | None:
+    def _row(self, tenant: str, sop_key: str) -> InstanceRow | None:
         with Session(self._engine) as session:
             return session.exec(
-                select(StoredInstance).where(
-                    StoredInstance.tenant == tenant, StoredInstance.sop_uid == sop_uid
+                select(InstanceRow).where(
+                    InstanceRow.tenant == tenant, InstanceRow.sop_key == sop_key
                 )
             ).first()
 
-    def instances(self, tenant: str, study_uid: str | None = None) -> list[StoredInstance]:
+    def rows(
+        self,
+        tenant: str,
+        *,
+        study_uid: str | None = None,
+        series_uid: str | None = None,
+        sop_uid: str | None = None,
+    ) -> list[InstanceRow]:
+        """Index rows of ``tenant``, narrowed by exact UIDs, in series/instance order."""
+        seal = self.seal(tenant)
+        statement = select(InstanceRow).where(InstanceRow.tenant == tenant)
+        if study_uid is not None:
+            statement = statement.where(InstanceRow.study_key == seal.blind("study", study_uid))
+        if series_uid is not None:
+            statement = statement.where(InstanceRow.series_key == seal.blind("series", series_uid))
+        if sop_uid is not None:
+            statement = statement.where(InstanceRow.sop_key == seal.blind("sop", sop_uid))
+        statement = statement.order_by(
+            col(InstanceRow.series_number), col(InstanceRow.instance_number), col(InstanceRow.id)
+        )
         with Session(self._engine) as session:
-            statement = select(StoredInstance).where(StoredInstance.tenant == tenant)
-            if study_uid is not None:
-                statement = statement.where(StoredInstance.study_uid == study_uid)
-            return list(
-                session.exec(
-                    statement.order_by(
-                        col(StoredInstance.series_number),
-                        col(StoredInstance.instance_number),
-                        col(StoredInstance.sop_uid),
-                    )
-                )
+            return list(session.exec(statement))
+
+    def view(self, row: InstanceRow) -> InstanceView:
+        return InstanceView(row, self.seal(row.tenant).unseal(row.attributes, row.sop_key))
+
+    def instances(
+        self,
+        tenant: str,
+        *,
+        study_uid: str | None = None,
+        series_uid: str | None = None,
+        sop_uid: str | None = None,
+    ) -> list[InstanceView]:
+        return [
+            self.view(row)
+            for row in self.rows(
+                tenant, study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid
             )
+        ]
+
+    def tenants_holding(self, study_uid: str, tenants: list[str]) -> list[str]:
+        """Which of ``tenants`` hold ``study_uid`` (a UID may, rarely, exist in two)."""
+        holding = []
+        with Session(self._engine) as session:
+            for tenant in tenants:
+                key = self.seal(tenant).blind("study", study_uid)
+                if session.exec(
+                    select(InstanceRow.id).where(
+                        InstanceRow.tenant == tenant, InstanceRow.study_key == key
+                    )
+                ).first():
+                    holding.append(tenant)
+        return holding
 
     @contextmanager
     def open(self, tenant: str, sop_uid: str) -> Iterator[BinaryIO]:
         """A decrypting, forward-only stream over the stored (sanitised) Part 10 bytes."""
-        row = self._find(tenant, sop_uid)
+        row = self._row(tenant, self.seal(tenant).blind("sop", sop_uid))
         if row is None:
             raise KeyError(sop_uid)
         with (self._blob_dir / row.blob).open("rb") as raw:

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from exchange.errors import ConfigurationError, ExchangeError
 from exchange.files import write_atomic
@@ -43,6 +45,10 @@ class KeyStore(Protocol):
 
     def unwrap(self, tenant: str, wrapped: bytes, aad: bytes) -> bytes:
         """Recover a data key (``KeyUnavailable`` if the tenant key is gone or wrong)."""
+        ...
+
+    def subkey(self, tenant: str, purpose: str) -> bytes:
+        """A 256-bit key for ``purpose`` (metadata sealing, blind indexes) of the tenant."""
         ...
 
 
@@ -122,6 +128,17 @@ class FileKeyStore:
             return _open(key, wrapped, aad)
         except (InvalidTag, ValueError):
             raise KeyUnavailable("the data key does not open with the tenant's key") from None
+
+    def subkey(self, tenant: str, purpose: str) -> bytes:
+        key = self._keys.get(tenant)
+        if key is None:
+            raise KeyUnavailable(f"no key for tenant {tenant!r}")
+        return HKDF(
+            algorithm=hashes.SHA256(),
+            length=KEY_BYTES,
+            salt=None,
+            info=f"exchange:{tenant}:{purpose}".encode(),
+        ).derive(key)
 
     def has(self, tenant: str) -> bool:
         return tenant in self._keys

@@ -7,7 +7,7 @@ import pytest
 
 from exchange.database import make_engine
 from exchange.dicom.part10 import REASON_DUPLICATE, InvalidInstance
-from exchange.node.store import InstanceStore, Outcome, StoredInstance
+from exchange.node.store import InstanceStore, Outcome
 from exchange.security.keystore import FileKeyStore, KeyUnavailable, master_key
 from tests.dicomdata import generated, with_preamble
 
@@ -86,18 +86,10 @@ def test_tenants_are_isolated(store):
 
 def test_a_blob_moved_to_another_tenant_does_not_decrypt(store, tmp_path):
     """Even with database access, tenant B's key cannot open tenant A's blob."""
-    from sqlmodel import Session, select
-
     a = store.store("tenant-a", io.BytesIO(generated(accession="A")[0]))
     b = store.store("tenant-b", io.BytesIO(generated(accession="B")[0]))
-    with Session(store._engine) as session:
-        row_a = session.exec(
-            select(StoredInstance).where(StoredInstance.sop_uid == a.sop_uid)
-        ).one()
-        row_b = session.exec(
-            select(StoredInstance).where(StoredInstance.sop_uid == b.sop_uid)
-        ).one()
-        blob_a, blob_b = row_a.blob, row_b.blob
+    blob_a = store.rows("tenant-a", sop_uid=a.sop_uid)[0].blob
+    blob_b = store.rows("tenant-b", sop_uid=b.sop_uid)[0].blob
     (tmp_path / "blobs" / blob_b).write_bytes((tmp_path / "blobs" / blob_a).read_bytes())
     with pytest.raises(KeyUnavailable):
         _read(store, "tenant-b", b.sop_uid)

@@ -1,0 +1,129 @@
+"""The node's metadata index, with nothing identifying in clear text.
+
+QIDO needs to match on Patient ID, accession number and UIDs, and to answer
+with names and descriptions. The database holds, per instance:
+
+- *blind indexes*: HMAC-SHA256 of each exact-match value under a tenant
+  sub-key, so equality queries work without storing the value;
+- the study date and modality in clear (for ranges and modality filters);
+- the QIDO/ImagingStudy attributes as DICOM JSON sealed with AES-256-GCM
+  under another tenant sub-key (associated data: tenant and row key).
+
+Crypto-shredding the tenant key therefore makes its index unreadable too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from pydicom.dataset import Dataset
+from sqlalchemy import UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+from exchange.security.keystore import KeyStore
+
+#: Attributes kept (sealed) per instance, for QIDO answers and ImagingStudy building.
+STUDY_KEYWORDS = (
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDescription",
+    "ReferringPhysicianName",
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+)
+SERIES_KEYWORDS = (
+    "SeriesInstanceUID",
+    "Modality",
+    "SeriesNumber",
+    "SeriesDescription",
+    "SeriesDate",
+    "BodyPartExamined",
+    "Laterality",
+)
+INSTANCE_KEYWORDS = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "InstanceNumber",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "BitsAllocated",
+    "PhotometricInterpretation",
+)
+ALL_KEYWORDS = STUDY_KEYWORDS + SERIES_KEYWORDS + INSTANCE_KEYWORDS
+
+
+class InstanceRow(SQLModel, table=True):
+    __tablename__ = "instance"
+    __table_args__ = (UniqueConstraint("tenant", "sop_key"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    tenant: str = Field(index=True, max_length=64)
+    study_key: str = Field(index=True, max_length=64)
+    series_key: str = Field(index=True, max_length=64)
+    sop_key: str = Field(max_length=64)
+    patient_key: str = Field(index=True, max_length=64)
+    accession_key: str | None = Field(default=None, index=True, max_length=64)
+    study_date: str | None = Field(default=None, index=True, max_length=8)
+    modality: str | None = Field(default=None, max_length=16)
+    series_number: int | None = None
+    instance_number: int | None = None
+    transfer_syntax_uid: str = Field(max_length=64)
+    size: int
+    sha256: str = Field(max_length=64)
+    blob: str = Field(max_length=200)
+    preamble_sanitised: bool = False
+    stored_at: datetime
+    attributes: bytes
+
+
+@dataclass(frozen=True)
+class TenantSeal:
+    """Blind indexes and sealed attributes for one tenant."""
+
+    tenant: str
+    index_key: bytes
+    seal_key: bytes
+
+    @classmethod
+    def of(cls, keys: KeyStore, tenant: str) -> TenantSeal:
+        return cls(tenant, keys.subkey(tenant, "blind-index"), keys.subkey(tenant, "metadata"))
+
+    def blind(self, kind: str, value: str) -> str:
+        message = f"{kind}\0{value.strip()}".encode()
+        return hmac.new(self.index_key, message, hashlib.sha256).hexdigest()
+
+    def seal(self, attributes: dict[str, Any], row_key: str) -> bytes:
+        nonce = secrets.token_bytes(12)
+        aad = f"exchange:meta:{self.tenant}:{row_key}".encode()
+        return nonce + AESGCM(self.seal_key).encrypt(nonce, json.dumps(attributes).encode(), aad)
+
+    def unseal(self, sealed: bytes, row_key: str) -> dict[str, Any]:
+        aad = f"exchange:meta:{self.tenant}:{row_key}".encode()
+        data: dict[str, Any] = json.loads(
+            AESGCM(self.seal_key).decrypt(sealed[:12], sealed[12:], aad)
+        )
+        return data
+
+
+def dicom_json(ds: Dataset, keywords: tuple[str, ...] = ALL_KEYWORDS) -> dict[str, Any]:
+    """The ``keywords`` present in ``ds`` as DICOM JSON (PS3.18 F.2)."""
+    subset = Dataset()
+    for keyword in keywords:
+        if keyword in ds:
+            subset[keyword] = ds[keyword]
+    result: dict[str, Any] = subset.to_json_dict()
+    return result
