@@ -109,7 +109,10 @@ class FileKeyStore:
                     f"the key of tenant {tenant!r} does not open with this master key"
                 ) from None
         if (self._directory / f"{tenant}.shredded").exists():
-            raise ConfigurationError(f"tenant {tenant!r} was crypto-shredded; its data is gone")
+            raise ConfigurationError(
+                f"tenant {tenant!r} was crypto-shredded; its data is gone. "
+                "Remove it from EXCHANGE_TENANTS"
+            )
         key = AESGCM.generate_key(bit_length=KEY_BYTES * 8)
         write_atomic(path, _seal(self._master, key, aad), mode=0o600)
         return key
