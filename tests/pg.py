@@ -40,7 +40,8 @@ def postgres_server() -> Iterator[str]:
         prefix = ["runuser", "-u", "postgres", "--"]
     port = free_port()
     initdb, pg_ctl = _bin("initdb"), _bin("pg_ctl")
-    assert initdb and pg_ctl
+    assert initdb
+    assert pg_ctl
 
     def run(*args: str) -> None:
         subprocess.run([*prefix, *args], check=True, capture_output=True, timeout=120)
