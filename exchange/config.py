@@ -47,6 +47,8 @@ class TenantSettings(BaseModel):
 
     organization: Identifier
     name: str = ""
+    #: Same SOP Instance UID, different bytes: refuse (default) or replace the stored one.
+    on_conflict: Literal["reject", "replace"] = "reject"
 
 
 class IssuerSettings(BaseModel):

@@ -137,6 +137,23 @@ class LocalFederation:
     def node(self, node_id: str) -> Service:
         return self.services[node_id]
 
+    def kill(self, name: str) -> None:
+        """SIGKILL a service's process group (crash tests)."""
+        process = self.services[name].process
+        assert process is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+    def restart(self, name: str) -> Service:
+        """Start a stopped or killed service again, same port, data and settings."""
+        service = self.services[name]
+        if service.process is not None and service.process.poll() is None:
+            raise RuntimeError(f"{name} is still running")
+        self._launch(service, ["serve", "hub"] if name == "hub" else ["serve", "node"])
+        self._wait_ready(service)
+        return service
+
     def exchange(self, service: str, *args: str) -> str:
         """Run an ``exchange`` command with ``service``'s configuration; its stdout."""
         result = subprocess.run(  # noqa: S603 - our own interpreter and module
@@ -204,17 +221,21 @@ class LocalFederation:
         service = Service(
             name, f"http://127.0.0.1:{port}", data_dir, self.root / f"{name}.log", env=full_env
         )
+        self._launch(service, args)
+        self.services[name] = service
+        return service
+
+    @staticmethod
+    def _launch(service: Service, args: list[str]) -> None:
         with service.log_path.open("ab") as log:
             service.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
                 [sys.executable, "-m", "exchange", *args],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=full_env,
+                env=service.env,
                 preexec_fn=_die_with_parent,
             )
-        self.services[name] = service
-        return service
 
     def _wait_ready(self, service: Service) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_SECONDS

@@ -21,6 +21,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        built.store.discard_incomplete()
         try:
             yield
         finally:

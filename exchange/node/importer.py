@@ -155,7 +155,8 @@ def run(
     print(
         f"{report.total} files: {report.counts['stored']} stored, "
         f"{report.counts['already present']} already present, "
-        f"{report.counts['rejected']} rejected"
+        + (f"{report.counts['replaced']} replaced, " if report.counts["replaced"] else "")
+        + f"{report.counts['rejected']} rejected"
         + (f"; {report.sanitised} had a non-zero preamble, now zeroed" if report.sanitised else "")
     )
     for rejected, reason in report.rejected:

@@ -80,7 +80,15 @@ def build(settings: Settings) -> NodeServices:
         settings=settings,
         engine=engine,
         keys=keys,
-        store=InstanceStore(engine, data_dir / "blobs", keys, settings.max_upload_bytes),
+        store=InstanceStore(
+            engine,
+            data_dir / "blobs",
+            keys,
+            settings.max_upload_bytes,
+            replace_on_conflict=[
+                t for t, c in settings.tenants.items() if c.on_conflict == "replace"
+            ],
+        ),
         credentials=Credentials(engine, settings, tokens),
         grants=grants,
     )

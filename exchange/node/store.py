@@ -10,13 +10,15 @@ another's, and nothing identifying is stored in clear (see ``catalog``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import shutil
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -47,6 +49,7 @@ CHUNK = 1024 * 1024
 class Outcome(StrEnum):
     STORED = "stored"
     ALREADY_PRESENT = "already present"
+    REPLACED = "replaced"
 
 
 @dataclass(frozen=True)
@@ -92,14 +95,34 @@ def associated_data(tenant: str, sop_uid: str) -> bytes:
 
 class InstanceStore:
     def __init__(
-        self, engine: Engine, blob_dir: Path, keys: KeyStore, max_instance_bytes: int
+        self,
+        engine: Engine,
+        blob_dir: Path,
+        keys: KeyStore,
+        max_instance_bytes: int,
+        replace_on_conflict: Collection[str] = (),
     ) -> None:
         self._engine = engine
+        self._replace = frozenset(replace_on_conflict)
         self._blob_dir = blob_dir
         self._keys = keys
         self._max = max_instance_bytes
         blob_dir.mkdir(parents=True, exist_ok=True)
         SQLModel.metadata.create_all(engine, tables=[InstanceRow.__table__])  # type: ignore[attr-defined]
+
+    def discard_incomplete(self, older_than_seconds: float = 3600) -> int:
+        """Remove blobs a crash left half-written (never referenced by the index).
+
+        Only old ones: an ``exchange import`` running beside the node writes here too.
+        """
+        cutoff = time.time() - older_than_seconds
+        removed = 0
+        for partial in self._blob_dir.rglob(".incoming-*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                if partial.stat().st_mtime < cutoff:
+                    partial.unlink()
+                    removed += 1
+        return removed
 
     def seal(self, tenant: str) -> TenantSeal:
         return TenantSeal.of(self._keys, tenant)
@@ -119,7 +142,7 @@ class InstanceStore:
         sop_key = seal.blind("sop", header.sop_uid)
         digest = self._digest(source)
         existing = self._row(tenant, sop_key)
-        if existing is not None:
+        if existing is not None and (existing.sha256 == digest or tenant not in self._replace):
             return self._existing(existing, digest, tenant, header)
         name = uuid.uuid4().hex
         relative = Path(tenant) / name[:2] / f"{name}.enc"
@@ -151,6 +174,9 @@ class InstanceStore:
         )
         try:
             with Session(self._engine) as session:
+                if existing is not None:  # the tenant's policy says replace
+                    session.delete(session.merge(existing))
+                    session.flush()
                 session.add(row)
                 session.commit()
         except IntegrityError:
@@ -163,6 +189,9 @@ class InstanceStore:
         except BaseException:
             target.unlink(missing_ok=True)
             raise
+        if existing is not None:
+            (self._blob_dir / existing.blob).unlink(missing_ok=True)
+            return self._result(Outcome.REPLACED, tenant, header)
         return self._result(Outcome.STORED, tenant, header)
 
     def _existing(

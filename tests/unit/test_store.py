@@ -121,3 +121,17 @@ def test_keys_are_private_files_and_survive_restart(tmp_path):
     reopened = InstanceStore(engine, tmp_path / "blobs", _keys(tmp_path, ["t"]), 10 * 1024 * 1024)
     assert _read(reopened, "t", result.sop_uid) == data
     assert oct(os.stat(tmp_path / "keys").st_mode & 0o777) == oct(0o700)
+
+
+def test_tenant_policy_may_replace_a_conflicting_instance(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+    store = InstanceStore(engine, tmp_path / "blobs", _keys(tmp_path, ["t"]),
+                          10 * 1024 * 1024, replace_on_conflict=["t"])
+    data = generated()[0]
+    first = store.store("t", io.BytesIO(data))
+    corrected = data[:-4] + b"\x01\x02\x03\x04"
+    second = store.store("t", io.BytesIO(corrected))
+    assert second.outcome is Outcome.REPLACED
+    assert _read(store, "t", first.sop_uid) == corrected
+    assert len(store.instances("t")) == 1
+    assert len([p for p in (tmp_path / "blobs").rglob("*.enc")]) == 1  # the old blob is gone
