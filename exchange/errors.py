@@ -8,6 +8,18 @@ into one line on stderr and an exit code.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One problem, located by a FHIRPath ``expression`` where it concerns a resource."""
+
+    diagnostics: str
+    expression: str | None = None
+    code: str = "invalid"
+    severity: str = "error"
+
 
 class ExchangeError(Exception):
     """Base of everything Exchange raises on purpose."""
@@ -16,10 +28,18 @@ class ExchangeError(Exception):
     #: FHIR ``OperationOutcome.issue.code`` (IssueType value set).
     code: str = "exception"
 
-    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        issues: list[Issue] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
+        #: Several located problems (validation); rendered one OperationOutcome.issue each.
+        self.issues = issues or []
 
 
 class ConfigurationError(ExchangeError):

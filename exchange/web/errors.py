@@ -18,7 +18,7 @@ from fhir.resources.R4B.operationoutcome import OperationOutcome
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from exchange.errors import ExchangeError
+from exchange.errors import ExchangeError, Issue
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,16 @@ _STATUS_CODES = {
 }
 
 
-def operation_outcome(message: str, code: str, severity: str = "error") -> dict[str, Any]:
+def operation_outcome(
+    message: str, code: str, severity: str = "error", issues: list[Issue] | None = None
+) -> dict[str, Any]:
+    entries: list[dict[str, Any]] = [
+        {"severity": issue.severity, "code": issue.code, "diagnostics": issue.diagnostics}
+        | ({"expression": [issue.expression]} if issue.expression else {})
+        for issue in issues or []
+    ] or [{"severity": severity, "code": code, "diagnostics": message}]
     outcome = OperationOutcome.model_validate(
-        {
-            "resourceType": "OperationOutcome",
-            "issue": [{"severity": severity, "code": code, "diagnostics": message}],
-        }
+        {"resourceType": "OperationOutcome", "issue": entries}
     )
     return outcome.model_dump(mode="json", exclude_none=True)
 
@@ -58,14 +62,19 @@ def error_response(
     *,
     code: str | None = None,
     headers: dict[str, str] | None = None,
+    issues: list[Issue] | None = None,
 ) -> Response:
     """The error body a client of ``path`` expects."""
     code = code or _STATUS_CODES.get(status, "exception")
     if path == FHIR_PREFIX or path.startswith(FHIR_PREFIX + "/"):
-        body = operation_outcome(message, code)
+        body = operation_outcome(message, code, issues=issues)
         media_type = FHIR_JSON
     else:
         body = {"error": {"status": status, "code": code, "message": message}}
+        if issues:
+            body["error"]["issues"] = [
+                {"message": i.diagnostics, "expression": i.expression} for i in issues
+            ]
         media_type = "application/json"
     return Response(json.dumps(body), status_code=status, media_type=media_type, headers=headers)
 
@@ -87,7 +96,12 @@ def install(app: FastAPI) -> None:
                 "request failed", extra={"error": type(exc).__name__, "path": request.url.path}
             )
         return error_response(
-            request.url.path, exc.status, exc.message, code=exc.code, headers=exc.headers
+            request.url.path,
+            exc.status,
+            exc.message,
+            code=exc.code,
+            headers=exc.headers,
+            issues=exc.issues,
         )
 
     @app.exception_handler(StarletteHTTPException)
