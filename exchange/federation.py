@@ -96,6 +96,8 @@ class LocalFederation:
                         "EXCHANGE_NODE_ID": spec.node_id,
                         "EXCHANGE_TENANTS": json.dumps(tenants),
                         "EXCHANGE_HUB_URL": hub.url,
+                        # Site systems authenticate with tokens from the hub's development IdP.
+                        "EXCHANGE_ISSUERS": json.dumps([{"issuer": f"{hub.url}/idp"}]),
                         "EXCHANGE_DEV_MODE": "true",
                         **self.node_env,
                     },

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 PREAMBLE_LENGTH = 128
+_UNDEFINED = 0xFFFFFFFF
 PREFIX = b"DICM"
 ZERO_PREAMBLE = bytes(PREAMBLE_LENGTH)
 
@@ -84,6 +86,31 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
+#: Values larger than this are not read, only located (so Pixel Data is never loaded).
+_DEFER_BYTES = 64 * 1024
+
+
+def _check_declared_lengths(ds: Dataset, stream: BinaryIO) -> None:
+    """Every value pydicom skipped over must lie inside the file.
+
+    A truncated file, or one whose Pixel Data declares an absurd length, parses
+    without error when large values are deferred; it must not be accepted.
+    """
+    size = stream.seek(0, io.SEEK_END)
+    for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset yields converted elements
+        raw = ds.get_item(tag, keep_deferred=True)
+        if not isinstance(raw, RawDataElement) or raw.length == _UNDEFINED:
+            continue
+        if raw.value is None:  # deferred: located, not read
+            short = raw.value_tell + raw.length > size
+        else:  # read: pydicom silently accepts fewer bytes than declared at end of file
+            short = len(raw.value) < raw.length
+        if short:
+            raise InvalidInstance(
+                f"element {tag} declares {raw.length} bytes but the file ends before them"
+            )
+
+
 def read_header(stream: BinaryIO) -> InstanceHeader:
     """Validate a Part 10 instance read from ``stream`` (positioned at its start)."""
     preamble = stream.read(PREAMBLE_LENGTH)
@@ -92,11 +119,12 @@ def read_header(stream: BinaryIO) -> InstanceHeader:
         raise InvalidInstance("not a DICOM Part 10 file (no 128-byte preamble and 'DICM' prefix)")
     stream.seek(0)
     try:
-        ds = pydicom.dcmread(stream, stop_before_pixels=True, force=False)
+        ds = pydicom.dcmread(stream, defer_size=_DEFER_BYTES, force=False)
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError) as exc:
         raise InvalidInstance(f"the DICOM data cannot be parsed ({type(exc).__name__})") from None
     except Exception as exc:  # pydicom raises a wide variety on hostile input
         raise InvalidInstance(f"the DICOM data cannot be parsed ({type(exc).__name__})") from None
+    _check_declared_lengths(ds, stream)
     meta = getattr(ds, "file_meta", None)
     syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     if not syntax:

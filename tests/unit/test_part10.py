@@ -63,3 +63,18 @@ def test_truncated_file_is_rejected():
     data = generated()[0]
     with pytest.raises(InvalidInstance):
         read_header_bytes(data[:200])
+
+
+def test_file_cut_inside_pixel_data_is_rejected():
+    data = generated(size=64)[0]
+    with pytest.raises(InvalidInstance, match="file ends before"):
+        read_header_bytes(data[:-100])
+
+
+def test_absurd_pixel_data_length_is_rejected():
+    data = generated(size=64)[0]
+    marker = b"\xe0\x7f\x10\x00OW\x00\x00"
+    at = data.rfind(marker) + len(marker)
+    lying = data[:at] + (0xFFFFFFF0).to_bytes(4, "little") + data[at + 4 :]
+    with pytest.raises(InvalidInstance):
+        read_header_bytes(lying)

@@ -125,8 +125,13 @@ def test_keys_are_private_files_and_survive_restart(tmp_path):
 
 def test_tenant_policy_may_replace_a_conflicting_instance(tmp_path):
     engine = make_engine(f"sqlite:///{tmp_path / 'node.db'}")
-    store = InstanceStore(engine, tmp_path / "blobs", _keys(tmp_path, ["t"]),
-                          10 * 1024 * 1024, replace_on_conflict=["t"])
+    store = InstanceStore(
+        engine,
+        tmp_path / "blobs",
+        _keys(tmp_path, ["t"]),
+        10 * 1024 * 1024,
+        replace_on_conflict=["t"],
+    )
     data = generated()[0]
     first = store.store("t", io.BytesIO(data))
     corrected = data[:-4] + b"\x01\x02\x03\x04"

@@ -1,7 +1,259 @@
-"""DICOMweb STOW-RS on the node (placeholder router, filled in by its own change)."""
+"""DICOMweb STOW-RS on the node (PS3.18 §10.5): the site's systems store instances.
+
+The body streams through ``MultipartReader`` in ~1 MiB batches; each part is spooled
+(memory up to 8 MiB, then a temporary file in the node's data directory) and stored as
+soon as its closing delimiter arrives, each in a worker thread. Every part gets its
+own result, so one bad instance never costs the others.
+
+A body that breaks off or turns malformed is answered 400, and nothing after the
+break is stored; parts that were complete before it have been validated and stored
+already (a retry finds them "already present"). The 400 says how many they were.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import json
+import logging
+import re
+import traceback
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+from fastapi import APIRouter, Request
+from pydicom.dataset import Dataset
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
+
+from exchange.dicom.multipart import MultipartError, MultipartReader, Part, media_type
+from exchange.dicom.part10 import (
+    REASON_CANNOT_UNDERSTAND,
+    REASON_PROCESSING_FAILURE,
+    InvalidInstance,
+    read_header,
+)
+from exchange.errors import BadRequest, UnsupportedMediaType
+from exchange.node.deps import Services, SiteTenant
+from exchange.node.services import NodeServices, service_name
+from exchange.node.store import Outcome, StoreResult
 
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
+log = logging.getLogger(__name__)
+
+DICOM = "application/dicom"
+DICOM_JSON = "application/dicom+json"
+MULTIPART_RELATED = "multipart/related"
+#: dcm4chee's code for an instance that does not belong to the study in the URL.
+REASON_STUDY_MISMATCH = 0xC409
+#: Body bytes handed to the parser at a time (DESIGN.md 3a: ~1 MiB chunks).
+BATCH_BYTES = 1024 * 1024
+_UID = re.compile(r"[0-9][0-9.]{0,63}")
+_LO_MAX = 64
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One part that was not stored, with what is known of it."""
+
+    reason: int
+    message: str
+    sop_class_uid: str | None = None
+    sop_uid: str | None = None
+    #: Our fault, not the instance's: logged, and makes an all-failed request a 500.
+    internal: bool = False
+
+
+PartResult = StoreResult | Failure
+
+
+@router.post("/studies", summary="Store instances (STOW-RS)")
+async def store_instances(request: Request, services: Services, tenant: SiteTenant) -> Response:
+    return await _stow(request, services, tenant, None)
+
+
+@router.post("/studies/{study}", summary="Store instances of one study (STOW-RS)")
+async def store_study_instances(
+    study: str, request: Request, services: Services, tenant: SiteTenant
+) -> Response:
+    if not _UID.fullmatch(study):
+        raise BadRequest("the study in the URL is not a valid Study Instance UID")
+    return await _stow(request, services, tenant, study)
+
+
+async def _stow(
+    request: Request, services: NodeServices, tenant: str, study: str | None
+) -> Response:
+    boundary, declared = _boundary(request.headers.get("content-type"))
+    results: list[PartResult] = []
+    try:
+        reader = MultipartReader(boundary, spool_dir=_spool_dir(services))
+        try:
+            async for batch in _batches(request.stream()):
+                parts = await anyio.to_thread.run_sync(reader.feed, batch)
+                results += [await _intake(services, tenant, study, p, declared) for p in parts]
+            reader.finish()
+        finally:
+            reader.close()
+    except MultipartError as exc:
+        raise BadRequest(f"{exc}{_kept(results)}") from None
+    except ClientDisconnect:
+        raise BadRequest(f"the request body ended early{_kept(results)}") from None
+    finally:
+        _log_outcome(tenant, results)
+    if not results:
+        raise BadRequest("the request holds no instances")
+    body = _response(results, services.settings.base_url()).to_json_dict()
+    return Response(json.dumps(body), status_code=_status(results), media_type=DICOM_JSON)
+
+
+def _boundary(content_type: str | None) -> tuple[str, str | None]:
+    """The boundary and the declared ``type`` of a STOW-RS request, or 415/400."""
+    kind, params = media_type(content_type)
+    declared = params.get("type", "").lower() or None
+    if kind != MULTIPART_RELATED or declared not in (None, DICOM):
+        raise UnsupportedMediaType(
+            'STOW-RS here takes multipart/related; type="application/dicom" (Part 10 instances)'
+        )
+    boundary = params.get("boundary")
+    if not boundary:
+        raise BadRequest("the multipart/related Content-Type has no boundary parameter")
+    return boundary, declared
+
+
+def _spool_dir(services: NodeServices) -> Path:
+    """Large parts spill here rather than to /tmp, which may be RAM (tmpfs)."""
+    directory = services.settings.data_path(service_name(services.settings)) / "incoming"
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+async def _batches(stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The body re-cut into ~``BATCH_BYTES`` pieces: fewer, cheaper parser and thread calls."""
+    pending = bytearray()
+    async for chunk in stream:
+        pending += chunk
+        if len(pending) >= BATCH_BYTES:
+            yield bytes(pending)
+            pending.clear()
+    if pending:
+        yield bytes(pending)
+
+
+async def _intake(
+    services: NodeServices, tenant: str, study: str | None, part: Part, declared: str | None
+) -> PartResult:
+    try:
+        return await anyio.to_thread.run_sync(_store_part, services, tenant, study, part, declared)
+    finally:
+        part.close()
+
+
+def _store_part(
+    services: NodeServices, tenant: str, study: str | None, part: Part, declared: str | None
+) -> PartResult:
+    """Validate and store one part; every way it can fail becomes a ``Failure``."""
+    # A part without a Content-Type is of the request's declared type (RFC 2387 "type").
+    kind = part.content_type or declared
+    if kind != DICOM:
+        return Failure(REASON_CANNOT_UNDERSTAND, "the part is not application/dicom")
+    try:
+        header = read_header(part.body)
+    except InvalidInstance as exc:
+        return Failure(exc.reason, exc.message)
+    sop_class, sop = header.sop_class_uid, header.sop_uid
+    if study is not None and header.study_uid != study:
+        return Failure(REASON_STUDY_MISMATCH, "Study Instance UID mismatch", sop_class, sop)
+    try:
+        return services.store.store(tenant, part.body)
+    except InvalidInstance as exc:
+        return Failure(exc.reason, exc.message, sop_class, sop)
+    except Exception as exc:  # a bug or a broken disk/database: say so, keep the other parts
+        _log_unexpected(exc)
+        message = "internal error storing this instance"
+        return Failure(REASON_PROCESSING_FAILURE, message, sop_class, sop, internal=True)
+
+
+def _log_unexpected(exc: Exception) -> None:
+    """Type and code location only: exception messages may quote instance values (PHI)."""
+    frames = traceback.extract_tb(exc.__traceback__)[-8:]
+    where = " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
+    log.error("STOW-RS: storing failed", extra={"error": type(exc).__name__, "at": where})
+
+
+def _log_outcome(tenant: str, results: list[PartResult]) -> None:
+    stored = [r for r in results if isinstance(r, StoreResult)]
+    log.info(
+        "STOW-RS request",
+        extra={
+            "tenant": tenant,
+            "parts": len(results),
+            "stored": sum(r.outcome is Outcome.STORED for r in stored),
+            "already_present": sum(r.outcome is Outcome.ALREADY_PRESENT for r in stored),
+            "replaced": sum(r.outcome is Outcome.REPLACED for r in stored),
+            "failed": len(results) - len(stored),
+            "preamble_zeroed": sum(
+                r.preamble_sanitised and r.outcome is not Outcome.ALREADY_PRESENT for r in stored
+            ),
+        },
+    )
+
+
+def _kept(results: list[PartResult]) -> str:
+    if not results:
+        return ""
+    done = sum(isinstance(r, StoreResult) for r in results)
+    return f"; the {len(results)} complete part(s) before it were processed ({done} stored)"
+
+
+def _status(results: list[PartResult]) -> int:
+    """PS3.18 Table 10.5.3-1: 200 all stored, 202 some, 409 none (500 if that was our fault)."""
+    failures = [r for r in results if isinstance(r, Failure)]
+    if not failures:
+        return 200
+    if len(failures) < len(results):
+        return 202
+    return 500 if any(f.internal for f in failures) else 409
+
+
+def _lo(text: str) -> str:
+    """A Long String value: at most 64 characters, no backslash (the VM delimiter)."""
+    text = text.replace("\\", "/")
+    return text if len(text) <= _LO_MAX else text[: _LO_MAX - 3] + "..."
+
+
+def _response(results: list[PartResult], base: str) -> Dataset:
+    """The Store Instances Response (PS3.18 §10.5.3) for ``results``, in request order."""
+    stored = [r for r in results if isinstance(r, StoreResult)]
+    failed = [r for r in results if isinstance(r, Failure)]
+    ds = Dataset()
+    if stored:
+        studies = {r.study_uid for r in stored}
+        # PS3.18: "shall be empty" when the stored instances are not all of one study.
+        ds.RetrieveURL = f"{base}/dicomweb/studies/{min(studies)}" if len(studies) == 1 else ""
+        ds.ReferencedSOPSequence = [_referenced(r, base) for r in stored]
+    if failed:
+        ds.FailedSOPSequence = [_failed(f) for f in failed]
+    return ds
+
+
+def _referenced(result: StoreResult, base: str) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = result.sop_class_uid
+    item.ReferencedSOPInstanceUID = result.sop_uid
+    item.RetrieveURL = (
+        f"{base}/dicomweb/studies/{result.study_uid}/series/{result.series_uid}"
+        f"/instances/{result.sop_uid}"
+    )
+    return item
+
+
+def _failed(failure: Failure) -> Dataset:
+    item = Dataset()
+    if failure.sop_class_uid:
+        item.ReferencedSOPClassUID = failure.sop_class_uid
+    if failure.sop_uid:
+        item.ReferencedSOPInstanceUID = failure.sop_uid
+    item.FailureReason = failure.reason
+    item.ErrorComment = _lo(failure.message)
+    return item
