@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fhir.resources.R4B import get_fhir_model_class
 from fhir_core.fhirabstractmodel import FHIRAbstractModel as Resource
-from pydantic import ValidationError
 
 from exchange.errors import BadRequest, NotFound, Unprocessable
+from exchange.fhir import profiles
 
 FHIR_VERSION = "4.0.1"
 
@@ -35,24 +34,28 @@ def parse_json(body: bytes) -> dict[str, Any]:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise BadRequest("the request body is not valid JSON") from None
+    except RecursionError:
+        raise BadRequest("the request body nests too deeply to be a FHIR resource") from None
     if not isinstance(data, dict):
         raise BadRequest("the request body must be a JSON object (a FHIR resource)")
     return data
 
 
 def validate(resource_type: str, data: dict[str, Any]) -> Resource:
-    """Validate ``data`` as a ``resource_type``; 422 with the first problem otherwise."""
+    """``data`` as a valid ``resource_type``, or 422 listing every problem (nothing is stored).
+
+    R4B checks structure and datatypes; our profiles (``fhir_profiles/``) check
+    terminology and the rules the index relies on. Both run, so a client sees
+    all its mistakes at once.
+    """
     found = data.get("resourceType")
     if found != resource_type:
         raise BadRequest(f"resourceType {found!r} does not match the URL ({resource_type})")
-    model = get_fhir_model_class(resource_type)
-    try:
-        resource: Resource = model.model_validate(data)
-        return resource
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or resource_type
-        raise Unprocessable(f"invalid {resource_type}: {where}: {first['msg']}") from None
+    resource, issues = profiles.parse(resource_type, data)
+    issues = profiles.merge(issues, profiles.validate_profile(resource_type, data))
+    if resource is None or any(issue.severity in ("error", "fatal") for issue in issues):
+        raise Unprocessable(f"invalid {resource_type}: {len(issues)} problem(s)", issues=issues)
+    return resource
 
 
 def to_json(resource: Resource) -> dict[str, Any]:
