@@ -18,6 +18,8 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from exchange.uids import is_uid
+
 PREAMBLE_LENGTH = 128
 _UNDEFINED = 0xFFFFFFFF
 PREFIX = b"DICM"
@@ -71,9 +73,7 @@ def _uid(ds: Dataset, keyword: str) -> str:
     text = str(value).strip() if value is not None else ""
     if not text:
         raise InvalidInstance(f"missing {_REQUIRED[keyword]}")
-    if keyword != "PatientID" and (
-        len(text) > 64 or not all(c.isdigit() or c == "." for c in text)
-    ):
+    if keyword != "PatientID" and not is_uid(text):
         raise InvalidInstance(f"{_REQUIRED[keyword]} is not a valid UID")
     return text
 

@@ -35,6 +35,7 @@ from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
 from exchange.errors import ConfigurationError, Issue
+from exchange.uids import is_uid
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent.parent / "fhir_profiles"
 
@@ -47,8 +48,6 @@ _NESTED: dict[tuple[str, tuple[str, ...]], str] = {("Consent", ("provision",)): 
 
 #: A DICOM UID as nodes accept it (exchange.dicom.part10): digits and dots, at
 #: most 64 characters. Leading zeros are tolerated: legacy equipment writes them.
-_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
-_UID_MAX = 64
 _REFERENCE = re.compile(
     r"(?:https?://\S+/)?(?P<type>[A-Z][A-Za-z]+)/[A-Za-z0-9\-.]{1,64}"
     r"(?:/_history/[A-Za-z0-9\-.]{1,64})?"
@@ -484,11 +483,6 @@ def _invariant(key: str) -> Callable[[_Invariant], _Invariant]:
         return check
 
     return register
-
-
-def is_uid(value: Any) -> bool:
-    """A DICOM UID as the exchange accepts it."""
-    return isinstance(value, str) and len(value) <= _UID_MAX and bool(_UID.fullmatch(value))
 
 
 def _is_oid_urn(value: Any) -> bool:
