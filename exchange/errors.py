@@ -79,6 +79,13 @@ class MethodNotAllowed(ExchangeError):
     code = "not-supported"
 
 
+class NotAcceptable(ExchangeError):
+    """No representation the client accepts can be produced."""
+
+    status = 406
+    code = "not-supported"
+
+
 class Conflict(ExchangeError):
     status = 409
     code = "conflict"

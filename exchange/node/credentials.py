@@ -80,7 +80,7 @@ class Credentials:
             raise NotAuthenticated("this node accepts API keys only (no issuers configured)")
         principal = self._tokens.validate(token)
         if principal.role != "system":
-            raise Forbidden("only site systems may store images; user tokens are not accepted")
+            raise Forbidden("only the site's systems may do this; user tokens are not accepted")
         matches = [
             t for t, cfg in self._tenants.items() if cfg.organization == principal.organization
         ]

@@ -15,6 +15,7 @@ import hashlib
 import io
 import os
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -26,6 +27,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import pydicom
+from pydicom.dataset import Dataset
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel, col, select
@@ -44,6 +47,8 @@ from exchange.security import envelope
 from exchange.security.keystore import KeyStore
 
 CHUNK = 1024 * 1024
+#: Above this, a decrypted instance spooled for pixel decoding spills to an anonymous temp file.
+SPOOL_IN_MEMORY = 64 * 1024 * 1024
 
 
 class Outcome(StrEnum):
@@ -324,6 +329,82 @@ class InstanceStore:
     def copy_out(self, tenant: str, sop_uid: str, destination: BinaryIO) -> None:
         with self.open(tenant, sop_uid) as plain:
             shutil.copyfileobj(plain, destination, CHUNK)
+
+    def header(self, tenant: str, sop_uid: str) -> Dataset:
+        """The stored data set without its pixel data, keeping only the header in memory.
+
+        pydicom needs a seekable file, the decrypted stream is forward-only: what
+        pydicom reads is kept so it can seek back, and the rest is then read and
+        dropped so that the blob's authentication tag is still checked.
+        """
+        with self.open(tenant, sop_uid) as plain:
+            reader = _Rewindable(plain)
+            dataset = pydicom.dcmread(reader, stop_before_pixels=True)
+            reader.drain()
+        return dataset
+
+    @contextmanager
+    def spooled(self, tenant: str, sop_uid: str) -> Iterator[BinaryIO]:
+        """The whole decrypted instance as a seekable file, authenticated before use.
+
+        For pixel decoding, which seeks around the pixel data. Memory is bounded
+        by ``SPOOL_IN_MEMORY``; beyond it the data spills to an unlinked temporary
+        file in the data directory (beside STOW-RS's), not /tmp, which may be RAM.
+        """
+        spill = self._blob_dir.parent / "incoming"
+        spill.mkdir(parents=True, exist_ok=True)
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY, dir=str(spill)) as spool:
+            self.copy_out(tenant, sop_uid, spool)  # type: ignore[arg-type]
+            spool.seek(0)
+            yield spool  # type: ignore[misc]
+
+
+class _Rewindable(io.RawIOBase):
+    """A seekable view of a forward-only stream that keeps what has been read."""
+
+    def __init__(self, source: BinaryIO) -> None:
+        self._source = source
+        self._seen = io.BytesIO()
+        self._size = 0
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def _fill(self, end: int) -> None:
+        while self._size < end:
+            chunk = self._source.read(max(end - self._size, 64 * 1024))
+            if not chunk:
+                return
+            self._seen.seek(self._size)
+            self._seen.write(chunk)
+            self._size += len(chunk)
+
+    def readinto(self, target: bytearray | memoryview) -> int:  # type: ignore[override]
+        self._fill(self._position + len(target))
+        self._seen.seek(self._position)
+        count = self._seen.readinto(target)
+        self._position += count
+        return count
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_END:
+            self._fill(sys.maxsize)
+            offset += self._size
+        elif whence == io.SEEK_CUR:
+            offset += self._position
+        self._position = max(0, offset)
+        return self._position
+
+    def drain(self) -> None:
+        while self._source.read(CHUNK):
+            pass
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -122,3 +122,16 @@ def test_readiness_reports_failing_check_by_name(client):
 
 def test_every_response_carries_a_request_id(client):
     assert client.get("/healthz").headers["x-request-id"]
+
+
+def test_request_log_never_names_a_study():
+    from exchange.web.requestlog import redact
+
+    path = "/dicomweb/studies/1.2.840.113619.2.55.3/series/1.2.3.4/instances/1.2.3.4.5/frames/1"
+    redacted = redact(path)
+    assert "1.2.840.113619.2.55.3" not in redacted
+    assert "1.2.3.4" not in redacted
+    assert redacted.startswith("/dicomweb/studies/uid-")
+    assert redacted.endswith("/frames/1")
+    assert redact(path) == redacted  # stable, so requests can be correlated
+    assert redact("/fhir/Patient/abc") == "/fhir/Patient/abc"
