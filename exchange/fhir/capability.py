@@ -1,4 +1,5 @@
-"""The CapabilityStatement: exactly what the index supports, no more."""
+"""The CapabilityStatement: exactly what the index supports, built from the same registry
+that drives indexing and search, so it cannot claim more than the server does."""
 
 from __future__ import annotations
 
@@ -6,22 +7,40 @@ from typing import Any
 
 from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 
+from exchange.fhir import searchparams as sp
 from exchange.fhir.resources import FHIR_VERSION, SERVED
+
+_READ = ["read", "vread", "history-instance", "search-type"]
+_WRITE = ["create", "update", "delete"]
+
+
+def _resource(resource_type: str, writable: bool) -> dict[str, Any]:
+    params = sp.PARAMS[resource_type]
+    entry: dict[str, Any] = {
+        "type": resource_type,
+        "interaction": [{"code": code} for code in _READ + (_WRITE if writable else [])],
+        "versioning": "versioned-update" if writable else "versioned",
+        "readHistory": True,
+        "updateCreate": writable,
+        "conditionalCreate": writable,
+        "conditionalRead": "not-supported",
+        "conditionalUpdate": writable,
+        "conditionalDelete": "not-supported",
+        "searchParam": [
+            {"name": p.name, "type": p.type, "documentation": p.documentation}
+            for p in params.values()
+        ],
+    }
+    if not writable:
+        entry["documentation"] = "Written by the hub itself; append-only (read and search only)."
+    if includes := sp.INCLUDES.get(resource_type):
+        entry["searchInclude"] = list(includes)
+    if revincludes := sp.REVINCLUDES.get(resource_type):
+        entry["searchRevInclude"] = list(revincludes)
+    return entry
 
 
 def capability_statement(base_url: str, software_version: str) -> dict[str, Any]:
-    rest_resources = []
-    for resource_type, writable in SERVED.items():
-        interactions = ["read", "vread"] + (["create", "update"] if writable else [])
-        rest_resources.append(
-            {
-                "type": resource_type,
-                "interaction": [{"code": code} for code in interactions],
-                "versioning": "versioned-update" if writable else "versioned",
-                "readHistory": True,
-                "updateCreate": writable,
-            }
-        )
     statement = CapabilityStatement.model_validate(
         {
             "resourceType": "CapabilityStatement",
@@ -35,6 +54,13 @@ def capability_statement(base_url: str, software_version: str) -> dict[str, Any]
             "rest": [
                 {
                     "mode": "server",
+                    "documentation": (
+                        "Search: comma-separated values are ORed, repeated parameters ANDed; "
+                        "_count (default 20, at most 500), _offset, _sort, _elements, "
+                        "_summary (count, data, true), _total, _include and _revinclude as "
+                        "listed. Unknown parameters are refused unless the request says "
+                        "Prefer: handling=lenient."
+                    ),
                     "security": {
                         "service": [
                             {
@@ -49,7 +75,7 @@ def capability_statement(base_url: str, software_version: str) -> dict[str, Any]
                         "description": "Bearer tokens from the HIE's OpenID Connect "
                         "identity provider (SMART App Launch v2 scopes).",
                     },
-                    "resource": rest_resources,
+                    "resource": [_resource(t, writable) for t, writable in SERVED.items()],
                 }
             ],
         }

@@ -11,7 +11,7 @@ from sqlalchemy import Engine
 
 from exchange.config import Settings
 from exchange.database import make_engine, ping
-from exchange.fhir.store import ResourceStore
+from exchange.fhir.repository import Repository, SqlRepository
 from exchange.policy.engine import PolicyEngine, open_engine
 from exchange.security import devidp, keys
 from exchange.security.tokens import JwtValidator, KeyResolver, jwks_resolver, static_resolver
@@ -26,7 +26,7 @@ SERVICE = "hub"
 class HubServices:
     settings: Settings
     engine: Engine
-    resources: ResourceStore
+    resources: Repository
     policy: PolicyEngine
     grant_key: keys.SigningKey
     tokens: JwtValidator
@@ -88,7 +88,7 @@ def build(settings: Settings) -> HubServices:
     return HubServices(
         settings=settings,
         engine=engine,
-        resources=ResourceStore(engine),
+        resources=SqlRepository(engine, local_base=f"{settings.base_url()}/fhir"),
         policy=open_engine(settings.policy_engine, settings.policy_dir, settings.opa_url),
         grant_key=keys.load_or_create(data_dir / "keys" / "grant-signing.pem"),
         tokens=JwtValidator(resolvers, settings.audience),

@@ -1,27 +1,46 @@
-"""FHIR R4 REST at ``/fhir``: thin routes over the resource store."""
+"""FHIR R4 REST at ``/fhir``: thin routes over the repository and the search pipeline.
+
+Every route checks the token's scopes and the type-level policy first; every
+resource read or found then passes ``access`` (the per-resource hook) in the
+worker thread that loaded it, so a later policy call there never blocks the
+event loop.
+"""
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable, Sequence
 from email.utils import format_datetime
+from functools import cache, partial
 from typing import Annotated, Any
+from urllib.parse import parse_qsl
 
 import anyio
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import Response
 
 from exchange import __version__
-from exchange.errors import BadRequest, Forbidden, MethodNotAllowed, UnsupportedMediaType
-from exchange.fhir import resources
+from exchange.errors import BadRequest, Forbidden, MethodNotAllowed, NotFound, UnsupportedMediaType
+from exchange.fhir import bundle, resources, search
 from exchange.fhir.capability import capability_statement
-from exchange.fhir.store import Stored
+from exchange.fhir.repository import History, Stored, Written
+from exchange.hub import access
 from exchange.hub.deps import CurrentPrincipal, Services, subject_of
+from exchange.hub.services import HubServices
 from exchange.policy import decisions
-from exchange.security.scopes import require
+from exchange.security.scopes import permits, require
 from exchange.security.tokens import Principal
 from exchange.web.errors import FHIR_JSON
 
 router = APIRouter(prefix="/fhir", tags=["fhir"])
+
+_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_JSON_TYPES = ("application/fhir+json", "application/json")
+_FORM = "application/x-www-form-urlencoded"
+#: SMART interaction letter -> the interaction the type-level policy is asked about
+#: (a search or a history read is a read to the policy).
+_POLICY_INTERACTIONS = {"c": "create", "r": "read", "u": "update", "d": "delete", "s": "read"}
 
 
 def _served(resource_type: str) -> str:
@@ -39,41 +58,69 @@ def _writable(resource_type: str) -> str:
 ServedType = Annotated[str, Depends(_served)]
 WritableType = Annotated[str, Depends(_writable)]
 
-_JSON_TYPES = ("application/fhir+json", "application/json")
-
 
 def _fhir(
-    body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
+    body: dict[str, Any] | None, status: int = 200, headers: dict[str, str] | None = None
 ) -> Response:
-    return Response(json.dumps(body), status_code=status, media_type=FHIR_JSON, headers=headers)
+    content = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
+    media = FHIR_JSON if body is not None else None
+    return Response(content, status_code=status, media_type=media, headers=headers)
 
 
-def _resource_response(stored: Stored, status: int, base: str) -> Response:
-    location = f"{base}/fhir/{stored.resource_type}/{stored.id}/_history/{stored.version}"
-    return _fhir(
-        stored.body,
-        status,
-        {
-            "ETag": stored.etag,
-            "Last-Modified": format_datetime(stored.last_updated, usegmt=True),
-            "Location": location,
-        },
+def _fhir_base(services: HubServices) -> str:
+    return f"{services.settings.base_url()}/fhir"
+
+
+def _version_headers(stored: Stored, base: str) -> dict[str, str]:
+    return {
+        "ETag": stored.etag,
+        "Last-Modified": format_datetime(stored.last_updated, usegmt=True),
+        "Location": f"{base}/{stored.resource_type}/{stored.id}/_history/{stored.version}",
+    }
+
+
+def _prefer(request: Request) -> dict[str, str]:
+    """``Prefer: return=minimal, handling=lenient`` as a dict."""
+    found: dict[str, str] = {}
+    for header in request.headers.getlist("prefer"):
+        for part in header.split(","):
+            key, _, value = part.strip().partition("=")
+            found[key.strip().lower()] = value.strip().strip('"')
+    return found
+
+
+def _check_id(resource_type: str, rid: str) -> str:
+    if rid == "_history":
+        raise NotFound(f"history of all {resource_type} resources is not supported; ask per id")
+    if not _ID.match(rid):
+        raise NotFound(f"{rid!r} is not a FHIR id, so no {resource_type} has it")
+    return rid
+
+
+def _may_include(principal: Principal, services: HubServices, resource_type: str) -> bool:
+    """Whether resources of ``resource_type`` may be ``_include``d for ``principal``: the
+    same scope and type-level policy checks as a read of that type."""
+    if not (
+        permits(principal.scopes, resource_type, "r")
+        or permits(principal.scopes, resource_type, "s")
+    ):
+        return False
+    decision = decisions.fhir_interaction(
+        services.policy, subject_of(principal), "read", resource_type
     )
-
-
-_INTERACTIONS = {"c": "create", "r": "read", "u": "update"}
+    return decision.allow
 
 
 async def _authorize(
-    services: Services, principal: Principal, resource_type: str, interaction: str
+    services: HubServices, principal: Principal, resource_type: str, letter: str
 ) -> None:
     """Scopes first (what the token allows), then the HIE's policy (what the person may do)."""
-    require(principal.scopes, resource_type, interaction)
+    require(principal.scopes, resource_type, letter)
     decision = await anyio.to_thread.run_sync(
         decisions.fhir_interaction,
         services.policy,
         subject_of(principal),
-        _INTERACTIONS[interaction],
+        _POLICY_INTERACTIONS[letter],
         resource_type,
     )
     if not decision.allow:
@@ -88,42 +135,160 @@ async def _resource_body(request: Request, resource_type: str) -> dict[str, Any]
     return resources.to_json(resources.validate(resource_type, data))
 
 
+def _written_response(written: Written, request: Request, base: str) -> Response:
+    stored = written.stored
+    status = 201 if written.outcome == "created" else 200
+    headers = _version_headers(stored, base)
+    wanted = _prefer(request).get("return", "representation")
+    if wanted == "minimal":
+        return _fhir(None, status, headers)
+    if wanted.lower() == "operationoutcome":
+        what = {
+            "created": "created",
+            "updated": "updated",
+            "unchanged": "unchanged: the content is the same as the current version",
+            "existing": "not created: it already exists (If-None-Exist)",
+        }.get(written.outcome, written.outcome)
+        message = f"{stored.resource_type}/{stored.id} version {stored.version} {what}"
+        return _fhir(bundle.outcome([message], "information"), status, headers)
+    return _fhir(stored.body, status, headers)
+
+
+def _conditions(
+    resource_type: str, items: Sequence[tuple[str, str]], base: str
+) -> search.SearchQuery:
+    return search.parse(resource_type, items, local_base=base)
+
+
+# -- routes --------------------------------------------------------------------
+
+
 @router.get("/metadata")
 async def metadata(services: Services) -> Response:
     return _fhir(capability_statement(services.settings.base_url(), __version__))
 
 
+@router.get("/{resource_type}")
+async def search_get(
+    resource_type: ServedType, request: Request, services: Services, principal: CurrentPrincipal
+) -> Response:
+    items = list(request.query_params.multi_items())
+    return await _search(resource_type, items, request, services, principal)
+
+
+@router.post("/{resource_type}/_search")
+async def search_post(
+    resource_type: ServedType, request: Request, services: Services, principal: CurrentPrincipal
+) -> Response:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await request.body()
+    if body and content_type != _FORM:
+        raise UnsupportedMediaType(f"send search parameters as {_FORM}")
+    try:
+        form = parse_qsl(body.decode(), keep_blank_values=True, strict_parsing=False)
+    except UnicodeDecodeError:
+        raise BadRequest("the search form is not valid UTF-8") from None
+    items = list(request.query_params.multi_items()) + form
+    return await _search(resource_type, items, request, services, principal)
+
+
+async def _search(
+    resource_type: str,
+    items: list[tuple[str, str]],
+    request: Request,
+    services: HubServices,
+    principal: Principal,
+) -> Response:
+    await _authorize(services, principal, resource_type, "s")
+    base = _fhir_base(services)
+    lenient = _prefer(request).get("handling") == "lenient"
+    query = search.parse(resource_type, items, lenient=lenient, local_base=base)
+
+    @cache
+    def may_read_type(included_type: str) -> bool:
+        return _may_include(principal, services, included_type)
+
+    visible: Callable[[Sequence[Any]], list[Any]] = partial(access.filter_visible, principal)
+    result = await anyio.to_thread.run_sync(
+        lambda: search.execute(
+            services.resources, query, visible=visible, may_read_type=may_read_type
+        )
+    )
+    return _fhir(
+        bundle.searchset(result, base),
+        headers={"Server-Timing": f"search;dur={result.elapsed_ms:.2f}"},
+    )
+
+
 @router.post("/{resource_type}")
 async def create(
-    resource_type: WritableType, request: Request, services: Services, principal: CurrentPrincipal
+    resource_type: WritableType,
+    request: Request,
+    services: Services,
+    principal: CurrentPrincipal,
+    if_none_exist: Annotated[str | None, Header()] = None,
 ) -> Response:
+    """Create; conditional when ``If-None-Exist`` (or, as some clients send it, the query
+    string) carries search conditions."""
     await _authorize(services, principal, resource_type, "c")
+    base = _fhir_base(services)
     body = await _resource_body(request, resource_type)
     body.pop("id", None)
-    stored = await anyio.to_thread.run_sync(services.resources.create, resource_type, body)
-    return _resource_response(stored, 201, services.settings.base_url())
+    raw = if_none_exist if if_none_exist is not None else request.url.query
+    conditions = _conditions(resource_type, parse_qsl(raw, keep_blank_values=True), base)
+
+    def write() -> Written:
+        written = services.resources.create(
+            resource_type, body, conditions if conditions.criteria else None
+        )
+        if written.outcome == "existing":
+            access.require_visible(principal, written.stored)
+        return written
+
+    return _written_response(await anyio.to_thread.run_sync(write), request, base)
+
+
+@router.put("/{resource_type}")
+async def conditional_update(
+    resource_type: WritableType, request: Request, services: Services, principal: CurrentPrincipal
+) -> Response:
+    """``PUT Type?conditions``: create if nothing matches, update the one match, 412 if
+    several match. Publishing the same content again creates no new version."""
+    await _authorize(services, principal, resource_type, "u")
+    base = _fhir_base(services)
+    conditions = _conditions(resource_type, list(request.query_params.multi_items()), base)
+    if not conditions.criteria:
+        raise BadRequest("PUT needs an id in the URL or search conditions in the query")
+    body = await _resource_body(request, resource_type)
+    written = await anyio.to_thread.run_sync(
+        services.resources.conditional_update, resource_type, conditions, body
+    )
+    return _written_response(written, request, base)
 
 
 @router.get("/{resource_type}/{rid}")
 async def read(
-    resource_type: ServedType, rid: str, services: Services, principal: CurrentPrincipal
-) -> Response:
-    await _authorize(services, principal, resource_type, "r")
-    stored = await anyio.to_thread.run_sync(services.resources.read, resource_type, rid)
-    return _resource_response(stored, 200, services.settings.base_url())
-
-
-@router.get("/{resource_type}/{rid}/_history/{version}")
-async def vread(
     resource_type: ServedType,
     rid: str,
-    version: int,
     services: Services,
     principal: CurrentPrincipal,
+    if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
+    _check_id(resource_type, rid)
     await _authorize(services, principal, resource_type, "r")
-    stored = await anyio.to_thread.run_sync(services.resources.vread, resource_type, rid, version)
-    return _resource_response(stored, 200, services.settings.base_url())
+
+    def load() -> Stored:
+        stored = services.resources.read(resource_type, rid)
+        access.require_visible(principal, stored)
+        return stored
+
+    stored = await anyio.to_thread.run_sync(load)
+    headers = _version_headers(stored, _fhir_base(services))
+    if if_none_match is not None and if_none_match.strip().removeprefix("W/").strip('"') == str(
+        stored.version
+    ):
+        return _fhir(None, 304, headers)
+    return _fhir(stored.body, 200, headers)
 
 
 @router.put("/{resource_type}/{rid}")
@@ -135,11 +300,89 @@ async def update(
     principal: CurrentPrincipal,
     if_match: Annotated[str | None, Header()] = None,
 ) -> Response:
+    _check_id(resource_type, rid)
     await _authorize(services, principal, resource_type, "u")
     body = await _resource_body(request, resource_type)
     if body.get("id") not in (None, rid):
         raise BadRequest(f"the body's id {body.get('id')!r} does not match the URL ({rid})")
-    stored, created = await anyio.to_thread.run_sync(
+    written = await anyio.to_thread.run_sync(
         services.resources.update, resource_type, rid, body, if_match
     )
-    return _resource_response(stored, 201 if created else 200, services.settings.base_url())
+    return _written_response(written, request, _fhir_base(services))
+
+
+@router.delete("/{resource_type}/{rid}")
+async def delete(
+    resource_type: WritableType,
+    rid: str,
+    services: Services,
+    principal: CurrentPrincipal,
+    if_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    """Delete: a new, deleted version (history keeps the old ones); reads then answer 410."""
+    _check_id(resource_type, rid)
+    await _authorize(services, principal, resource_type, "d")
+    written = await anyio.to_thread.run_sync(
+        services.resources.delete, resource_type, rid, if_match
+    )
+    stored = written.stored
+    if written.outcome == "gone":
+        message = f"{resource_type}/{rid} was already deleted"
+    else:
+        message = f"{resource_type}/{rid} deleted (version {stored.version})"
+    return _fhir(
+        bundle.outcome([message], "information"),
+        200,
+        {"ETag": stored.etag, "Last-Modified": format_datetime(stored.last_updated, usegmt=True)},
+    )
+
+
+@router.get("/{resource_type}/{rid}/_history")
+async def history(
+    resource_type: ServedType,
+    rid: str,
+    request: Request,
+    services: Services,
+    principal: CurrentPrincipal,
+) -> Response:
+    _check_id(resource_type, rid)
+    await _authorize(services, principal, resource_type, "r")
+    count, offset = search.DEFAULT_COUNT, 0
+    for key, value in request.query_params.multi_items():
+        try:
+            if key == "_count":
+                count = min(search.MAX_COUNT, max(1, int(value)))
+            elif key == "_offset":
+                offset = max(0, int(value))
+            elif key not in ("_format", "_pretty"):
+                raise BadRequest(f"history parameter {key!r} is not supported (use _count)")
+        except ValueError:
+            raise BadRequest(f"{key} must be a whole number") from None
+
+    def load() -> History:
+        found = services.resources.history(resource_type, rid, offset, count)
+        access.require_visible(principal, found.current)
+        return found
+
+    found = await anyio.to_thread.run_sync(load)
+    return _fhir(bundle.history(found, _fhir_base(services), offset, count))
+
+
+@router.get("/{resource_type}/{rid}/_history/{version}")
+async def vread(
+    resource_type: ServedType,
+    rid: str,
+    version: int,
+    services: Services,
+    principal: CurrentPrincipal,
+) -> Response:
+    _check_id(resource_type, rid)
+    await _authorize(services, principal, resource_type, "r")
+
+    def load() -> Stored:
+        stored = services.resources.vread(resource_type, rid, version)
+        access.require_visible(principal, stored)
+        return stored
+
+    stored = await anyio.to_thread.run_sync(load)
+    return _fhir(stored.body, 200, _version_headers(stored, _fhir_base(services)))
