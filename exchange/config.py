@@ -96,6 +96,8 @@ class Settings(BaseSettings):
     audience: str = "exchange"
     #: Lifetime of a hub-to-node grant; DESIGN.md caps it at 60 s.
     grant_ttl_seconds: Annotated[int, Field(ge=1, le=60)] = 30
+    #: Identifier system of the HIE-wide patient identifier: same value = same person.
+    hie_identifier_system: str | None = None
     policy_engine: Literal["embedded", "server"] = "embedded"
     policy_dir: Path = Field(default_factory=_repo_policies)
     #: OPA server base URL, used when policy_engine = "server".

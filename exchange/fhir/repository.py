@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -223,22 +223,47 @@ class History:
     versions: list[Version]
 
 
+WriteHook = Callable[[dict[str, Any] | None, dict[str, Any] | None], dict[str, Any] | None]
+"""Called inside the write's transaction with (current body or None, new body or None for a
+delete); returns the body to write, or raises to refuse. Ownership checks and hub-managed
+elements (``Patient.link``) live in hooks, so they cannot race with other writers."""
+
+
 class Repository(Protocol):
     """What the REST layer needs from storage; SQL today, anything tomorrow."""
 
     def create(
-        self, resource_type: str, body: dict[str, Any], if_none_exist: SearchQuery | None = None
+        self,
+        resource_type: str,
+        body: dict[str, Any],
+        if_none_exist: SearchQuery | None = None,
+        hook: WriteHook | None = None,
     ) -> Written: ...
 
     def update(
-        self, resource_type: str, rid: str, body: dict[str, Any], if_match: str | None = None
+        self,
+        resource_type: str,
+        rid: str,
+        body: dict[str, Any],
+        if_match: str | None = None,
+        hook: WriteHook | None = None,
     ) -> Written: ...
 
     def conditional_update(
-        self, resource_type: str, conditions: SearchQuery, body: dict[str, Any]
+        self,
+        resource_type: str,
+        conditions: SearchQuery,
+        body: dict[str, Any],
+        hook: WriteHook | None = None,
     ) -> Written: ...
 
-    def delete(self, resource_type: str, rid: str, if_match: str | None = None) -> Written: ...
+    def delete(
+        self,
+        resource_type: str,
+        rid: str,
+        if_match: str | None = None,
+        hook: WriteHook | None = None,
+    ) -> Written: ...
 
     def read(self, resource_type: str, rid: str) -> Stored: ...
 
@@ -255,6 +280,13 @@ class Repository(Protocol):
     def include_candidates(
         self, matches: Sequence[Stored], includes: Sequence[Include], limit: int
     ) -> list[Candidate]: ...
+
+
+def _hooked(
+    hook: WriteHook, current: dict[str, Any] | None, body: dict[str, Any]
+) -> dict[str, Any]:
+    result = hook(current, body)
+    return body if result is None else result
 
 
 def parse_etag(value: str) -> int:
@@ -317,7 +349,11 @@ class SqlRepository:
             ) from None
 
     def create(
-        self, resource_type: str, body: dict[str, Any], if_none_exist: SearchQuery | None = None
+        self,
+        resource_type: str,
+        body: dict[str, Any],
+        if_none_exist: SearchQuery | None = None,
+        hook: WriteHook | None = None,
     ) -> Written:
         with self._transaction(resource_type) as conn:
             if if_none_exist is not None:
@@ -330,19 +366,30 @@ class SqlRepository:
                     current = self._current(conn, resource_type, found[0])
                     assert current is not None
                     return Written(self._stored(resource_type, current), "existing")
+            if hook is not None:
+                body = _hooked(hook, None, body)
             stored = self._apply(conn, resource_type, str(uuid.uuid4()), body, None, "POST")
         return Written(stored, "created")
 
     def update(
-        self, resource_type: str, rid: str, body: dict[str, Any], if_match: str | None = None
+        self,
+        resource_type: str,
+        rid: str,
+        body: dict[str, Any],
+        if_match: str | None = None,
+        hook: WriteHook | None = None,
     ) -> Written:
         with self._transaction(f"{resource_type}/{rid}") as conn:
             current = self._current(conn, resource_type, rid, lock=True)
             _check_if_match(resource_type, rid, current, if_match)
-            return self._put(conn, resource_type, rid, body, current)
+            return self._put(conn, resource_type, rid, body, current, hook)
 
     def conditional_update(
-        self, resource_type: str, conditions: SearchQuery, body: dict[str, Any]
+        self,
+        resource_type: str,
+        conditions: SearchQuery,
+        body: dict[str, Any],
+        hook: WriteHook | None = None,
     ) -> Written:
         """0 matches: create; 1: update it (no new version if nothing changed); more: 412."""
         with self._transaction(resource_type) as conn:
@@ -360,9 +407,15 @@ class SqlRepository:
             current = self._current(conn, resource_type, rid, lock=True)
             if not found and current is not None and not current.deleted:
                 raise Conflict(f"{resource_type}/{rid} exists but does not match the conditions")
-            return self._put(conn, resource_type, rid, body, current)
+            return self._put(conn, resource_type, rid, body, current, hook)
 
-    def delete(self, resource_type: str, rid: str, if_match: str | None = None) -> Written:
+    def delete(
+        self,
+        resource_type: str,
+        rid: str,
+        if_match: str | None = None,
+        hook: WriteHook | None = None,
+    ) -> Written:
         with self._transaction(f"{resource_type}/{rid}") as conn:
             current = self._current(conn, resource_type, rid, lock=True)
             if current is None:
@@ -370,6 +423,8 @@ class SqlRepository:
             _check_if_match(resource_type, rid, current, if_match)
             if current.deleted:
                 return Written(self._stored(resource_type, current), "gone")
+            if hook is not None:
+                hook(json.loads(current.body), None)
             stored = self._apply(conn, resource_type, rid, None, current, "DELETE")
         return Written(stored, "deleted")
 
@@ -380,7 +435,11 @@ class SqlRepository:
         rid: str,
         body: dict[str, Any],
         current: _Current | None,
+        hook: WriteHook | None = None,
     ) -> Written:
+        if hook is not None:
+            live = current is not None and not current.deleted
+            body = _hooked(hook, json.loads(current.body) if live and current else None, body)
         if (
             current is not None
             and not current.deleted

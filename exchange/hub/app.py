@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from exchange import __version__
 from exchange.config import Settings
 from exchange.hub import services
-from exchange.hub.routes import fhir, wellknown
+from exchange.hub.routes import fhir, mpi, wellknown
 from exchange.web.app import finish
 
 
@@ -29,4 +29,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.services = built
     app.include_router(fhir.router)
     app.include_router(wellknown.router)
+    app.include_router(mpi.router)
     return finish(app, lambda _path: settings.max_body_bytes, built.checks)

@@ -11,6 +11,7 @@ from sqlalchemy import Engine
 
 from exchange.config import Settings
 from exchange.database import make_engine, ping
+from exchange.fhir.mpi import PatientIndex
 from exchange.fhir.repository import Repository, SqlRepository
 from exchange.policy.engine import PolicyEngine, open_engine
 from exchange.security import devidp, keys
@@ -27,6 +28,7 @@ class HubServices:
     settings: Settings
     engine: Engine
     resources: Repository
+    patients: PatientIndex
     policy: PolicyEngine
     grant_key: keys.SigningKey
     tokens: JwtValidator
@@ -74,6 +76,8 @@ def build(settings: Settings) -> HubServices:
     data_dir = settings.data_path(SERVICE)
     data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.database(SERVICE))
+    fhir_base = f"{settings.base_url()}/fhir"
+    repository = SqlRepository(engine, local_base=fhir_base)
     resolvers: dict[str, KeyResolver] = {
         trusted.issuer: jwks_resolver(trusted.jwks_uri)
         if trusted.jwks_uri
@@ -88,7 +92,8 @@ def build(settings: Settings) -> HubServices:
     return HubServices(
         settings=settings,
         engine=engine,
-        resources=SqlRepository(engine, local_base=f"{settings.base_url()}/fhir"),
+        resources=repository,
+        patients=PatientIndex(engine, repository, settings.hie_identifier_system, fhir_base),
         policy=open_engine(settings.policy_engine, settings.policy_dir, settings.opa_url),
         grant_key=keys.load_or_create(data_dir / "keys" / "grant-signing.pem"),
         tokens=JwtValidator(resolvers, settings.audience),

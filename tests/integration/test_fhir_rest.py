@@ -101,6 +101,7 @@ def endpoint(name: str = "Hub broker") -> dict:
         },
         "payloadType": [{"text": "DICOM"}],
         "address": "https://hub.example/dicomweb",
+        "managingOrganization": {"reference": "Organization/org-a"},
     }
 
 
@@ -108,6 +109,7 @@ def patient(mrn: str, family: str = "Synthetic") -> dict:
     return {
         "resourceType": "Patient",
         "identifier": [{"system": "urn:exchange:site-a:mrn", "value": mrn}],
+        "managingOrganization": {"reference": "Organization/org-a"},
         "name": [{"family": family, "given": ["Test"]}],
         "gender": "female",
         "birthDate": "1980-02-03",

@@ -25,7 +25,7 @@ from exchange.errors import BadRequest, Forbidden, MethodNotAllowed, NotFound, U
 from exchange.fhir import bundle, resources, search
 from exchange.fhir.capability import capability_statement
 from exchange.fhir.repository import History, Stored, Written
-from exchange.hub import access
+from exchange.hub import access, publishing
 from exchange.hub.deps import CurrentPrincipal, Services, subject_of
 from exchange.hub.services import HubServices
 from exchange.policy import decisions
@@ -154,6 +154,16 @@ def _written_response(written: Written, request: Request, base: str) -> Response
     return _fhir(stored.body, status, headers)
 
 
+def _after_write(services: HubServices, written: Written) -> Written:
+    """A new or changed Patient is matched against the master patient index."""
+    stored = written.stored
+    if stored.resource_type == "Patient" and written.outcome in ("created", "updated"):
+        services.patients.reconcile(stored.id)
+        stored = services.resources.read("Patient", stored.id)  # links may have been added
+        return Written(stored, written.outcome)
+    return written
+
+
 def _conditions(
     resource_type: str, items: Sequence[tuple[str, str]], base: str
 ) -> search.SearchQuery:
@@ -203,6 +213,7 @@ async def _search(
     base = _fhir_base(services)
     lenient = _prefer(request).get("handling") == "lenient"
     query = search.parse(resource_type, items, lenient=lenient, local_base=base)
+    query = await anyio.to_thread.run_sync(services.patients.expand, query)
 
     @cache
     def may_read_type(included_type: str) -> bool:
@@ -237,13 +248,15 @@ async def create(
     raw = if_none_exist if if_none_exist is not None else request.url.query
     conditions = _conditions(resource_type, parse_qsl(raw, keep_blank_values=True), base)
 
+    hook = publishing.write_hook(services.resources, principal, resource_type)
+
     def write() -> Written:
         written = services.resources.create(
-            resource_type, body, conditions if conditions.criteria else None
+            resource_type, body, conditions if conditions.criteria else None, hook
         )
         if written.outcome == "existing":
             access.require_visible(principal, written.stored)
-        return written
+        return _after_write(services, written)
 
     return _written_response(await anyio.to_thread.run_sync(write), request, base)
 
@@ -260,10 +273,13 @@ async def conditional_update(
     if not conditions.criteria:
         raise BadRequest("PUT needs an id in the URL or search conditions in the query")
     body = await _resource_body(request, resource_type)
-    written = await anyio.to_thread.run_sync(
-        services.resources.conditional_update, resource_type, conditions, body
-    )
-    return _written_response(written, request, base)
+    hook = publishing.write_hook(services.resources, principal, resource_type)
+
+    def write() -> Written:
+        written = services.resources.conditional_update(resource_type, conditions, body, hook)
+        return _after_write(services, written)
+
+    return _written_response(await anyio.to_thread.run_sync(write), request, base)
 
 
 @router.get("/{resource_type}/{rid}")
@@ -305,10 +321,13 @@ async def update(
     body = await _resource_body(request, resource_type)
     if body.get("id") not in (None, rid):
         raise BadRequest(f"the body's id {body.get('id')!r} does not match the URL ({rid})")
-    written = await anyio.to_thread.run_sync(
-        services.resources.update, resource_type, rid, body, if_match
-    )
-    return _written_response(written, request, _fhir_base(services))
+    hook = publishing.write_hook(services.resources, principal, resource_type)
+
+    def write() -> Written:
+        written = services.resources.update(resource_type, rid, body, if_match, hook)
+        return _after_write(services, written)
+
+    return _written_response(await anyio.to_thread.run_sync(write), request, _fhir_base(services))
 
 
 @router.delete("/{resource_type}/{rid}")
@@ -322,8 +341,9 @@ async def delete(
     """Delete: a new, deleted version (history keeps the old ones); reads then answer 410."""
     _check_id(resource_type, rid)
     await _authorize(services, principal, resource_type, "d")
+    hook = publishing.write_hook(services.resources, principal, resource_type)
     written = await anyio.to_thread.run_sync(
-        services.resources.delete, resource_type, rid, if_match
+        services.resources.delete, resource_type, rid, if_match, hook
     )
     stored = written.stored
     if written.outcome == "gone":
