@@ -227,7 +227,11 @@ def _summary(state: dict[str, Any], state_file: Path, imported: dict[str, int]) 
 def run(state_file: Path, data_dir: Path | None = None) -> int:
     root = data_dir.resolve() if data_dir else Path(tempfile.mkdtemp(prefix="exchange-demo-"))
     root.mkdir(parents=True, exist_ok=True)
-    federation = LocalFederation(root=root, nodes=SITES, hub_env={"EXCHANGE_AUDIENCE": AUDIENCE})
+    federation = LocalFederation(
+        root=root,
+        nodes=SITES,
+        hub_env={"EXCHANGE_AUDIENCE": AUDIENCE, "EXCHANGE_HIE_IDENTIFIER_SYSTEM": PATIENT_SYSTEM},
+    )
     previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         print(f"Starting the demo federation in {root} …", flush=True)
