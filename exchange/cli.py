@@ -161,7 +161,7 @@ def _api_key(args: argparse.Namespace) -> int:
 
 
 def _shred(args: argparse.Namespace) -> int:
-    from exchange.node.services import service_name
+    from exchange.node.storage import service_name
     from exchange.security.keystore import shred
 
     settings = _node_settings(args)

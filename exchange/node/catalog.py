@@ -20,10 +20,14 @@ import json
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.valuerep import IS, DSfloat, PersonName
 from sqlalchemy import UniqueConstraint
 from sqlmodel import Field, SQLModel
 
@@ -119,11 +123,59 @@ class TenantSeal:
         return data
 
 
+#: VRs whose single value is a ``str`` in pydicom and a JSON string in DICOM JSON.
+_STRING_VRS = frozenset(
+    {"AE", "AS", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
+)
+_INT_VRS = frozenset({"US", "SS", "UL", "SL", "UV", "SV", "IS"})
+_FLOAT_VRS = frozenset({"DS", "FL", "FD"})
+
+
+@lru_cache(maxsize=8)
+def _tags(keywords: tuple[str, ...]) -> tuple[tuple[int, str], ...]:
+    return tuple(
+        (tag, f"{tag:08X}") for tag in (tag_for_keyword(k) for k in keywords) if tag is not None
+    )
+
+
+def _element_json(element: DataElement) -> dict[str, Any]:
+    """``element.to_json_dict`` for the common single-valued cases, exactly; else pydicom's."""
+    vr = str(element.VR)
+    value = element.value
+    if value is None and vr not in _BINARY_OR_SQ:
+        return {"vr": vr}
+    kind = type(value)
+    if vr in _STRING_VRS and kind is str:
+        return {"vr": vr, "Value": [value]} if value else {"vr": vr}
+    if vr in _INT_VRS and (kind is int or kind is IS):
+        return {"vr": vr, "Value": [int(value)]}
+    if vr in _FLOAT_VRS and (kind is float or kind is DSfloat):
+        return {"vr": vr, "Value": [float(value)]}
+    if vr == "PN" and kind is PersonName:
+        if not value:
+            return {"vr": vr}
+        components = value.components
+        name = {"Alphabetic": components[0]}
+        if len(components) > 1:
+            name["Ideographic"] = components[1]
+        if len(components) > 2:
+            name["Phonetic"] = components[2]
+        return {"vr": vr, "Value": [name]}
+    result: dict[str, Any] = element.to_json_dict(None, 1024)
+    return result
+
+
+_BINARY_OR_SQ = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "SQ", "OB or OW"})
+
+
 def dicom_json(ds: Dataset, keywords: tuple[str, ...] = ALL_KEYWORDS) -> dict[str, Any]:
-    """The ``keywords`` present in ``ds`` as DICOM JSON (PS3.18 F.2)."""
-    subset = Dataset()
-    for keyword in keywords:
-        if keyword in ds:
-            subset[keyword] = ds[keyword]
-    result: dict[str, Any] = subset.to_json_dict()
+    """The ``keywords`` present in ``ds`` as DICOM JSON (PS3.18 F.2).
+
+    The same as pydicom's ``Dataset.to_json_dict`` of those elements (a unit test
+    holds them equal), without building a sub-dataset and its generic machinery.
+    """
+    result: dict[str, Any] = {}
+    for tag, key in _tags(keywords):
+        if tag in ds:
+            result[key] = _element_json(ds[tag])
     return result

@@ -15,14 +15,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pydicom
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from exchange.config import Settings
+from exchange.database import make_engine
 from exchange.dicom.part10 import InvalidInstance
 from exchange.errors import ConfigurationError
-from exchange.node.services import build, service_name
+from exchange.node import storage
 from exchange.node.store import InstanceStore, Outcome
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
@@ -93,36 +94,80 @@ def _quarantine(directory: Path, source: Path, reason: str) -> None:
     )
 
 
+#: Files made durable and indexed together (one directory fsync, one transaction).
+GROUP_FILES = 32
+
+
+def _reject(report: ImportReport, quarantine: Path, path: Path, reason: str) -> None:
+    report.counts["rejected"] += 1
+    report.rejected.append((path, reason))
+    _quarantine(quarantine, path, reason)
+
+
+def _unreadable(exc: OSError) -> str:
+    return f"cannot be read ({exc.strerror or type(exc).__name__})"
+
+
 def import_files(
     store: InstanceStore, tenant: str, files: list[Path], quarantine: Path, progress: bool = False
 ) -> ImportReport:
+    """Store ``files`` in groups of ``GROUP_FILES``; a file is reported only once durable."""
     report = ImportReport()
-    with Progress(
+    bar = _progress(progress, len(files))
+    try:
+        for start in range(0, len(files), GROUP_FILES):
+            group = files[start : start + GROUP_FILES]
+            added: list[Path] = []
+            with store.batch(tenant) as batch:
+                for path in group:
+                    try:
+                        with path.open("rb") as source:
+                            batch.add(source)
+                        added.append(path)
+                    except InvalidInstance as exc:
+                        _reject(report, quarantine, path, exc.message)
+                    except OSError as exc:
+                        _reject(report, quarantine, path, _unreadable(exc))
+                outcomes = batch.commit()
+            for path, outcome in zip(added, outcomes, strict=True):
+                if isinstance(outcome, InvalidInstance):
+                    _reject(report, quarantine, path, outcome.message)
+                elif isinstance(outcome, OSError):
+                    _reject(
+                        report, quarantine, path, f"cannot be stored ({type(outcome).__name__})"
+                    )
+                elif isinstance(outcome, BaseException):
+                    raise outcome
+                else:
+                    report.counts[outcome.outcome.value] += 1
+                    report.sanitised += (
+                        outcome.preamble_sanitised and outcome.outcome is Outcome.STORED
+                    )
+            if bar is not None:
+                bar[0].update(
+                    bar[1], advance=len(group), status=f"{report.counts['rejected']} rejected"
+                )
+    finally:
+        if bar is not None:
+            bar[0].stop()
+    return report
+
+
+def _progress(enabled: bool, total: int) -> tuple[Any, Any] | None:
+    """A rich progress bar, imported only when shown (start-up time of ``exchange import``)."""
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    bar = Progress(
         TextColumn("importing"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[status]}"),
-        disable=not progress,
         transient=True,
-    ) as bar:
-        task = bar.add_task("import", total=len(files), status="")
-        for path in files:
-            try:
-                with path.open("rb") as source:
-                    result = store.store(tenant, source)
-                report.counts[result.outcome.value] += 1
-                report.sanitised += result.preamble_sanitised and result.outcome is Outcome.STORED
-            except InvalidInstance as exc:
-                report.counts["rejected"] += 1
-                report.rejected.append((path, exc.message))
-                _quarantine(quarantine, path, exc.message)
-            except OSError as exc:
-                report.counts["rejected"] += 1
-                reason = f"cannot be read ({exc.strerror or type(exc).__name__})"
-                report.rejected.append((path, reason))
-                _quarantine(quarantine, path, reason)
-            bar.update(task, advance=1, status=f"{report.counts['rejected']} rejected")
-    return report
+    )
+    bar.start()
+    return bar, bar.add_task("import", total=total, status="")
 
 
 def import_path(
@@ -137,12 +182,14 @@ def import_path(
         known = ", ".join(sorted(settings.tenants)) or "none configured (EXCHANGE_TENANTS)"
         raise ConfigurationError(f"unknown tenant {tenant!r} on this node (known: {known})")
     files = collect(path)
-    services = build(settings)
-    quarantine_dir = quarantine or settings.data_path(service_name(settings)) / "quarantine"
+    directory = storage.data_dir(settings)
+    quarantine_dir = quarantine or directory / "quarantine"
+    engine = make_engine(settings.database(storage.service_name(settings)))
+    store = storage.open_store(settings, directory, engine, storage.open_keys(settings, directory))
     try:
-        report = import_files(services.store, tenant, files, quarantine_dir, progress)
+        report = import_files(store, tenant, files, quarantine_dir, progress)
     finally:
-        services.close()
+        engine.dispose()
     return report, quarantine_dir
 
 

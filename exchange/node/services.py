@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import anyio
 from sqlalchemy import Engine
@@ -11,9 +10,10 @@ from sqlalchemy import Engine
 from exchange.config import Settings
 from exchange.database import make_engine, ping
 from exchange.node.credentials import Credentials
+from exchange.node.storage import data_dir, open_keys, open_store, service_name
 from exchange.node.store import InstanceStore
 from exchange.security.grants import GrantVerifier
-from exchange.security.keystore import FileKeyStore, master_key
+from exchange.security.keystore import FileKeyStore
 from exchange.security.tokens import JwtValidator, KeyResolver, jwks_resolver
 from exchange.web.health import Check
 
@@ -45,26 +45,15 @@ class NodeServices:
         self.engine.dispose()
 
 
-def service_name(settings: Settings) -> str:
-    return f"node-{settings.node_id}"
-
-
-def open_keys(settings: Settings, data_dir: Path) -> FileKeyStore:
-    secret = settings.master_key.get_secret_value() if settings.master_key else None
-    master = master_key(secret, data_dir / "keys" / "master.key")
-    return FileKeyStore(data_dir / "keys" / "tenants", master, list(settings.tenants))
-
-
 def _issuer_resolver(issuer: str, jwks_uri: str | None) -> KeyResolver:
     # OIDC issuers publish their keys at a discovered URI; ours and the dev IdP's are fixed.
     return jwks_resolver(jwks_uri or f"{issuer}{JWKS_PATH}")
 
 
 def build(settings: Settings) -> NodeServices:
-    data_dir = settings.data_path(service_name(settings))
-    data_dir.mkdir(parents=True, exist_ok=True)
+    directory = data_dir(settings)
     engine = make_engine(settings.database(service_name(settings)))
-    keys = open_keys(settings, data_dir)
+    keys = open_keys(settings, directory)
     tokens = None
     if settings.issuers:
         tokens = JwtValidator(
@@ -80,15 +69,7 @@ def build(settings: Settings) -> NodeServices:
         settings=settings,
         engine=engine,
         keys=keys,
-        store=InstanceStore(
-            engine,
-            data_dir / "blobs",
-            keys,
-            settings.max_upload_bytes,
-            replace_on_conflict=[
-                t for t, c in settings.tenants.items() if c.on_conflict == "replace"
-            ],
-        ),
+        store=open_store(settings, directory, engine, keys),
         credentials=Credentials(engine, settings, tokens),
         grants=grants,
     )

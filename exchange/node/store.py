@@ -17,11 +17,13 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Collection, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -29,7 +31,10 @@ from typing import Any, BinaryIO
 
 import pydicom
 from pydicom.dataset import Dataset
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine, Table
+from sqlalchemy import delete as sa_delete
+from sqlalchemy import insert as sa_insert
+from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel, col, select
 
@@ -49,6 +54,10 @@ from exchange.security.keystore import KeyStore
 CHUNK = 1024 * 1024
 #: Above this, a decrypted instance spooled for pixel decoding spills to an anonymous temp file.
 SPOOL_IN_MEMORY = 64 * 1024 * 1024
+#: Blob fdatasyncs run in this many threads, overlapping with the next instance's work.
+FSYNC_THREADS = 4
+_POOL_LOCK = threading.Lock()
+_TABLE: Table = InstanceRow.__table__  # type: ignore[attr-defined]
 
 
 class Outcome(StrEnum):
@@ -112,8 +121,10 @@ class InstanceStore:
         self._blob_dir = blob_dir
         self._keys = keys
         self._max = max_instance_bytes
+        self._pool: ThreadPoolExecutor | None = None
+        self._known_dirs: set[Path] = set()
         blob_dir.mkdir(parents=True, exist_ok=True)
-        SQLModel.metadata.create_all(engine, tables=[InstanceRow.__table__])  # type: ignore[attr-defined]
+        SQLModel.metadata.create_all(engine, tables=[_TABLE])
 
     def discard_incomplete(self, older_than_seconds: float = 3600) -> int:
         """Remove blobs a crash left half-written (never referenced by the index).
@@ -133,77 +144,59 @@ class InstanceStore:
         return TenantSeal.of(self._keys, tenant)
 
     # -- intake ------------------------------------------------------------
-    def store(self, tenant: str, source: BinaryIO) -> StoreResult:
-        """Validate and store one Part 10 instance read from a seekable ``source``."""
-        seal = self.seal(tenant)
-        source.seek(0, os.SEEK_END)
-        size = source.tell()
-        if size > self._max:
-            raise InvalidInstance(
-                f"instance of {size} bytes exceeds the limit of {self._max}", REASON_TOO_LARGE
-            )
-        source.seek(0)
-        header = read_header(source)
-        sop_key = seal.blind("sop", header.sop_uid)
-        digest = self._digest(source)
-        existing = self._row(tenant, sop_key)
-        if existing is not None and (existing.sha256 == digest or tenant not in self._replace):
-            return self._existing(existing, digest, tenant, header)
-        name = uuid.uuid4().hex
-        relative = Path(tenant) / name[:2] / f"{name}.enc"
-        target = self._blob_dir / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        self._encrypt_to(target, source, tenant, associated_data(tenant, header.sop_uid))
-        attributes = dicom_json(header.dataset)
-        attributes["00020010"] = {"vr": "UI", "Value": [header.transfer_syntax_uid]}
-        row = InstanceRow(
-            tenant=tenant,
-            study_key=seal.blind("study", header.study_uid),
-            series_key=seal.blind("series", header.series_uid),
-            sop_key=sop_key,
-            patient_key=seal.blind("patient", header.patient_id),
-            accession_key=seal.blind("accession", str(header.dataset.get("AccessionNumber")))
-            if header.dataset.get("AccessionNumber")
-            else None,
-            study_date=header.study_date[:8] if header.study_date else None,
-            modality=header.modality,
-            series_number=header.series_number,
-            instance_number=header.instance_number,
-            transfer_syntax_uid=header.transfer_syntax_uid,
-            size=size,
-            sha256=digest,
-            blob=str(relative),
-            preamble_sanitised=not header.preamble_was_clean,
-            stored_at=datetime.now(UTC),
-            attributes=seal.seal(attributes, sop_key),
-        )
-        try:
-            with Session(self._engine) as session:
-                if existing is not None:  # the tenant's policy says replace
-                    session.delete(session.merge(existing))
-                    session.flush()
-                session.add(row)
-                session.commit()
-        except IntegrityError:
-            # The same SOP instance was stored concurrently: the first one stands.
-            target.unlink(missing_ok=True)
-            winner = self._row(tenant, sop_key)
-            if winner is None:
-                raise
-            return self._existing(winner, digest, tenant, header)
-        except BaseException:
-            target.unlink(missing_ok=True)
-            raise
-        if existing is not None:
-            (self._blob_dir / existing.blob).unlink(missing_ok=True)
-            return self._result(Outcome.REPLACED, tenant, header)
-        return self._result(Outcome.STORED, tenant, header)
-
-    def _existing(
-        self, row: InstanceRow, digest: str, tenant: str, header: InstanceHeader
+    def store(
+        self, tenant: str, source: BinaryIO, header: InstanceHeader | None = None
     ) -> StoreResult:
-        if row.sha256 == digest:
-            return self._result(Outcome.ALREADY_PRESENT, tenant, header)
+        """Validate and store one Part 10 instance read from a seekable ``source``.
+
+        ``header`` is ``read_header(source)`` when the caller has already read it.
+        """
+        with self.batch(tenant) as batch:
+            batch.add(source, header)
+            (result,) = batch.commit()
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def batch(self, tenant: str) -> StoreBatch:
+        """Store several instances with one directory fsync and one index transaction."""
+        return StoreBatch(self, tenant)
+
+    def _fsync_pool(self) -> ThreadPoolExecutor:
+        with _POOL_LOCK:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="blob-fsync")
+            return self._pool
+
+    def _blob_directory(self, tenant: str, touched: set[Path]) -> tuple[Path, Path]:
+        """This hour's directory of ``tenant`` (relative, absolute), created durably if new.
+
+        One directory per tenant and hour, so one directory fsync covers a whole batch.
+        """
+        relative = Path(tenant) / datetime.now(UTC).strftime("%Y%m%d%H")
+        directory = self._blob_dir / relative
+        if directory not in self._known_dirs:
+            for level in (directory.parent, directory):
+                if not level.is_dir():
+                    level.mkdir(exist_ok=True)
+                    touched.add(level.parent)  # the new entry must be durable too
+            self._known_dirs.add(directory)
+        return relative, directory
+
+    def _lookup(self, tenant: str, sop_key: str) -> _Existing | None:
+        table = _TABLE
+        with self._engine.connect() as connection:
+            found = connection.execute(
+                sa_select(table.c.id, table.c.sha256, table.c.blob).where(
+                    table.c.tenant == tenant, table.c.sop_key == sop_key
+                )
+            ).first()
+        return None if found is None else _Existing(found[0], found[1], found[2])
+
+    @staticmethod
+    def _existing(digest: str, existing_digest: str) -> Outcome:
+        if existing_digest == digest:
+            return Outcome.ALREADY_PRESENT
         raise InvalidInstance(
             "a different instance with this SOP Instance UID is already "
             "stored; it was kept unchanged",
@@ -236,19 +229,37 @@ class InstanceStore:
             digest.update(chunk)
         return digest.hexdigest()
 
-    def _encrypt_to(self, target: Path, source: BinaryIO, tenant: str, aad: bytes) -> None:
-        """Temp file, fsync, rename: the blob is durable before anything refers to it."""
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-", suffix=".tmp")
+    def _encrypt_to_temp(
+        self, directory: Path, source: BinaryIO, tenant: str, aad: bytes
+    ) -> tuple[Path, str, Future[None]]:
+        """Encrypt into a new temp file, hashing the plaintext on the way.
+
+        Returns the temp file, the SHA-256 and the pending fdatasync of the file
+        (done in a small pool, so the disk works while the next instance is prepared).
+        """
+        fd, name = tempfile.mkstemp(dir=directory, prefix=".incoming-", suffix=".tmp")
+        tmp = Path(name)
+        digest = hashlib.sha256()
+
+        def hashed() -> Iterator[bytes]:
+            for chunk in self._sanitised_chunks(source):
+                digest.update(chunk)
+                yield chunk
+
         try:
-            with os.fdopen(fd, "wb") as raw:
-                envelope.encrypt(self._sanitised_chunks(source), raw, self._keys, tenant, aad)
-                raw.flush()
-                os.fsync(raw.fileno())
-            os.replace(tmp, target)
-            _fsync_dir(target.parent)
+            raw = os.fdopen(fd, "wb")
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
             raise
+        try:
+            envelope.encrypt(hashed(), raw, self._keys, tenant, aad)
+            raw.flush()
+        except BaseException:
+            raw.close()
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp, digest.hexdigest(), self._fsync_pool().submit(_sync_and_close, raw)
 
     # -- reading -------------------------------------------------------------
     def _row(self, tenant: str, sop_key: str) -> InstanceRow | None:
@@ -413,3 +424,286 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _sync_and_close(raw: BinaryIO) -> None:
+    try:
+        os.fdatasync(raw.fileno())
+    finally:
+        raw.close()
+
+
+@dataclass(frozen=True)
+class _Existing:
+    """The index row already holding a SOP instance (what a duplicate check needs)."""
+
+    id: int
+    sha256: str
+    blob: str
+
+
+@dataclass
+class _Pending:
+    """An instance of a batch whose blob is written (or not needed) but not yet indexed."""
+
+    result: StoreResult
+    sop_key: str
+    digest: str
+    #: column values of its index row; None when nothing is to be inserted
+    row: dict[str, Any] | None = None
+    tmp: Path | None = None
+    target: Path | None = None
+    synced: Future[None] | None = None
+    #: the row it replaces (tenant policy "replace")
+    replaces: _Existing | None = None
+    #: an earlier instance of this batch with the same SOP Instance UID, resolved with it
+    same_as: _Pending | None = None
+    error: BaseException | None = None
+
+
+class StoreBatch:
+    """Instances stored together: per-instance validation, group durability.
+
+    ``add`` validates one instance, encrypts it into a temp file and starts its
+    fdatasync; a bad instance raises there and leaves nothing behind. ``commit``
+    waits for the data fsyncs, renames the blobs into place, fsyncs each touched
+    directory once, then inserts every index row in ONE transaction (itself durable,
+    ``synchronous=FULL``) and only then returns the results: nothing is acknowledged
+    before it is durable. If that transaction fails, the rows are retried one by
+    one, so one instance never costs the others; blobs left without a row are removed.
+    """
+
+    def __init__(self, store: InstanceStore, tenant: str) -> None:
+        self._store = store
+        self._tenant = tenant
+        self._seal = store.seal(tenant)
+        self._pending: list[_Pending] = []
+        self._by_key: dict[str, _Pending] = {}
+        self._touched: set[Path] = set()
+
+    def __enter__(self) -> StoreBatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def add(self, source: BinaryIO, header: InstanceHeader | None = None) -> int:
+        """Validate and prepare one instance; its index in ``commit()``'s results.
+
+        Raises ``InvalidInstance`` (or an unexpected error) for this instance only.
+        ``source`` is not used after this returns.
+        """
+        store, tenant, seal = self._store, self._tenant, self._seal
+        source.seek(0, os.SEEK_END)
+        size = source.tell()
+        if size > store._max:
+            raise InvalidInstance(
+                f"instance of {size} bytes exceeds the limit of {store._max}", REASON_TOO_LARGE
+            )
+        source.seek(0)
+        if header is None:
+            header = read_header(source)
+        sop_key = seal.blind("sop", header.sop_uid)
+        earlier = self._by_key.get(sop_key)
+        existing = None
+        if earlier is None:
+            existing = store._lookup(tenant, sop_key)
+        replace = tenant in store._replace
+        known_digest = earlier.digest if earlier is not None else None
+        if known_digest is None and existing is not None:
+            known_digest = existing.sha256
+        if known_digest is not None:
+            digest = store._digest(source)
+            if digest == known_digest or not replace:
+                outcome = store._existing(digest, known_digest)
+                pending = _Pending(
+                    store._result(outcome, tenant, header), sop_key, digest, same_as=earlier
+                )
+                return self._append(pending, register=False)
+        relative_dir, directory = store._blob_directory(tenant, self._touched)
+        tmp, digest, synced = store._encrypt_to_temp(
+            directory, source, tenant, associated_data(tenant, header.sop_uid)
+        )
+        try:
+            name = f"{uuid.uuid4().hex}.enc"
+            attributes = dicom_json(header.dataset)
+            attributes["00020010"] = {"vr": "UI", "Value": [header.transfer_syntax_uid]}
+            accession = header.dataset.get("AccessionNumber")
+            row = {
+                "tenant": tenant,
+                "study_key": seal.blind("study", header.study_uid),
+                "series_key": seal.blind("series", header.series_uid),
+                "sop_key": sop_key,
+                "patient_key": seal.blind("patient", header.patient_id),
+                "accession_key": seal.blind("accession", str(accession)) if accession else None,
+                "study_date": header.study_date[:8] if header.study_date else None,
+                "modality": header.modality,
+                "series_number": header.series_number,
+                "instance_number": header.instance_number,
+                "transfer_syntax_uid": header.transfer_syntax_uid,
+                "size": size,
+                "sha256": digest,
+                "blob": str(relative_dir / name),
+                "preamble_sanitised": not header.preamble_was_clean,
+                "stored_at": datetime.now(UTC),
+                "attributes": seal.seal(attributes, sop_key),
+            }
+        except BaseException:
+            _abandon(synced, tmp)
+            raise
+        outcome = Outcome.STORED
+        replaces = None
+        if earlier is not None:  # replace policy, different content, same batch
+            earlier.row, earlier.replaces, replaces = None, None, earlier.replaces
+            if earlier.synced is not None and earlier.tmp is not None:
+                _abandon(earlier.synced, earlier.tmp)
+                earlier.synced = earlier.tmp = None
+            outcome = Outcome.REPLACED
+        elif existing is not None:
+            replaces, outcome = existing, Outcome.REPLACED
+        pending = _Pending(
+            store._result(outcome, tenant, header),
+            sop_key,
+            digest,
+            row=row,
+            tmp=tmp,
+            target=directory / name,
+            synced=synced,
+            replaces=replaces,
+        )
+        return self._append(pending, register=True)
+
+    def _append(self, pending: _Pending, *, register: bool) -> int:
+        self._pending.append(pending)
+        if register:
+            self._by_key[pending.sop_key] = pending
+        return len(self._pending) - 1
+
+    def commit(self) -> list[StoreResult | BaseException]:
+        """Make the batch durable and indexed; a result (or the error) per ``add``."""
+        pending, self._pending, self._by_key = self._pending, [], {}
+        writing = [p for p in pending if p.row is not None]
+        try:
+            writing = self._make_blobs_durable(writing)
+            self._insert(writing)
+        except BaseException as exc:
+            for item in writing:
+                self._remove_blob(item)
+                item.error = exc
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._touched.clear()
+        results: list[StoreResult | BaseException] = []
+        for item in pending:
+            error = item.error or (item.same_as.error if item.same_as is not None else None)
+            results.append(error if error is not None else item.result)
+        return results
+
+    def discard(self) -> None:
+        """Drop what was added and not committed (their temp files are removed)."""
+        for item in self._pending:
+            if item.synced is not None and item.tmp is not None:
+                _abandon(item.synced, item.tmp)
+        self._pending, self._by_key = [], {}
+
+    # -- internals -------------------------------------------------------------
+    def _make_blobs_durable(self, writing: list[_Pending]) -> list[_Pending]:
+        """Wait for the data fsyncs, rename, fsync each touched directory once.
+
+        An instance whose blob could not be written fails alone; the others go on.
+        """
+        durable = []
+        for item in writing:
+            assert item.synced is not None
+            assert item.tmp is not None
+            assert item.target is not None
+            try:
+                item.synced.result()
+                item.synced = None
+                os.replace(item.tmp, item.target)
+                item.tmp = None
+            except Exception as exc:
+                self._remove_blob(item)
+                item.error = exc
+                continue
+            self._touched.add(item.target.parent)
+            durable.append(item)
+        # Deepest first: a new directory's own entry is made durable after its contents.
+        for directory in sorted(self._touched, key=lambda d: len(d.parts), reverse=True):
+            _fsync_dir(directory)
+        return durable
+
+    def _insert(self, writing: list[_Pending]) -> None:
+        if not writing:
+            return
+        engine = self._store._engine
+        try:
+            with engine.begin() as connection:
+                _durable_commits(connection)
+                replaced = [p.replaces.id for p in writing if p.replaces is not None]
+                if replaced:
+                    connection.execute(sa_delete(_TABLE).where(_TABLE.c.id.in_(replaced)))
+                connection.execute(sa_insert(_TABLE), [p.row for p in writing if p.row])
+        except IntegrityError:
+            # Another request stored one of these concurrently: settle them one by one.
+            self._insert_one_by_one(writing)
+            return
+        self._retire_replaced(writing)
+
+    def _insert_one_by_one(self, writing: list[_Pending]) -> None:
+        engine, tenant = self._store._engine, self._tenant
+        for item in writing:
+            assert item.row is not None
+            try:
+                with engine.begin() as connection:
+                    _durable_commits(connection)
+                    if item.replaces is not None:
+                        connection.execute(sa_delete(_TABLE).where(_TABLE.c.id == item.replaces.id))
+                    connection.execute(sa_insert(_TABLE), [item.row])
+            except IntegrityError:
+                self._remove_blob(item)
+                winner = self._store._lookup(tenant, item.sop_key)
+                if winner is None:
+                    item.error = RuntimeError("the index refused the instance's row")
+                    continue
+                try:
+                    outcome = self._store._existing(item.digest, winner.sha256)
+                except InvalidInstance as exc:
+                    item.error = exc
+                    continue
+                item.result = replace(item.result, outcome=outcome)
+                item.replaces = None
+            except Exception as exc:  # this instance fails, not the others
+                self._remove_blob(item)
+                item.error = exc
+        self._retire_replaced([p for p in writing if p.error is None])
+
+    def _retire_replaced(self, stored: list[_Pending]) -> None:
+        for item in stored:
+            if item.replaces is not None:
+                (self._store._blob_dir / item.replaces.blob).unlink(missing_ok=True)
+
+    @staticmethod
+    def _remove_blob(item: _Pending) -> None:
+        if item.synced is not None and item.tmp is not None:
+            _abandon(item.synced, item.tmp)
+        for path in (item.tmp, item.target):
+            if path is not None:
+                path.unlink(missing_ok=True)
+        item.synced = item.tmp = None
+
+
+def _abandon(synced: Future[None], tmp: Path) -> None:
+    with contextlib.suppress(Exception):
+        synced.result()
+    tmp.unlink(missing_ok=True)
+
+
+def _durable_commits(connection: Connection) -> None:
+    """SQLite in WAL mode with synchronous=NORMAL may lose the last commits on power loss."""
+    if connection.dialect.name == "sqlite":
+        connection.exec_driver_sql("PRAGMA synchronous=FULL")

@@ -24,7 +24,7 @@ from exchange.federation import LocalFederation, NodeSpec
 from exchange.node.app import create_app
 from exchange.node.importer import collect
 from exchange.node.services import build
-from exchange.node.store import InstanceStore
+from exchange.node.store import InstanceStore, StoreBatch
 from exchange.security.devidp import DevIdentityProvider, key_path
 from exchange.security.keys import load_or_create
 from tests.dicomdata import bundled, generated, with_preamble, without
@@ -517,15 +517,15 @@ def test_an_internal_error_fails_only_its_instance_and_is_logged_without_phi(
     key = services.credentials.create_api_key("t")
     good, unlucky = generated(patient_id="STOW-BUG", accession="STOWBUG", slices=2)
     unlucky_sop = str(uids(unlucky).SOPInstanceUID)
-    real_store = services.store.store
+    real_add = StoreBatch.add
 
-    def flaky_store(tenant: str, source: Any) -> Any:
+    def flaky_add(batch: StoreBatch, source: Any, header: Any = None) -> Any:
         source.seek(0)
         if str(uids(source.read()).SOPInstanceUID) == unlucky_sop:
             raise RuntimeError(f"disk on fire while writing STOW-BUG {unlucky_sop}")
-        return real_store(tenant, source)
+        return real_add(batch, source, header)
 
-    monkeypatch.setattr(services.store, "store", flaky_store)
+    monkeypatch.setattr(StoreBatch, "add", flaky_add)
 
     async def send(parts: Parts) -> httpx.Response:
         body, content_type = multipart(parts)

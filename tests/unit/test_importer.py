@@ -67,3 +67,23 @@ def test_unknown_tenant_is_a_configuration_error(settings, tmp_path):
 def test_missing_path_is_a_configuration_error(settings, tmp_path):
     with pytest.raises(ConfigurationError, match="does not exist"):
         import_path(settings, tmp_path / "absent", "t1")
+
+
+def test_groups_report_each_file_and_a_copy_in_the_same_group_is_already_present(
+    settings, tmp_path, monkeypatch
+):
+    from exchange.node import importer
+
+    monkeypatch.setattr(importer, "GROUP_FILES", 4)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    series = generated(slices=5)
+    for index, data in enumerate(series):
+        (folder / f"{index}.dcm").write_bytes(data)
+    (folder / "0-copy.dcm").write_bytes(series[0])  # sorts beside 0.dcm: same group
+    (folder / "2-broken.dcm").write_bytes(series[2][:300])
+    report, _ = import_path(settings, folder, "t1")
+    assert report.counts["stored"] == 5
+    assert report.counts["already present"] == 1
+    assert report.counts["rejected"] == 1
+    assert [p.name for p, _ in report.rejected] == ["2-broken.dcm"]

@@ -140,3 +140,120 @@ def test_tenant_policy_may_replace_a_conflicting_instance(tmp_path):
     assert _read(store, "t", first.sop_uid) == corrected
     assert len(store.instances("t")) == 1
     assert len([p for p in (tmp_path / "blobs").rglob("*.enc")]) == 1  # the old blob is gone
+
+
+# -- batches -------------------------------------------------------------------------
+def _blobs(tmp_path):
+    return sorted(p for p in (tmp_path / "blobs").rglob("*") if p.is_file())
+
+
+def test_a_batch_stores_each_instance_and_fails_only_the_bad_ones(store, tmp_path):
+    good = generated(slices=3)
+    with store.batch("tenant-a") as batch:
+        tickets = [batch.add(io.BytesIO(good[0]))]
+        with pytest.raises(InvalidInstance):
+            batch.add(io.BytesIO(b"not dicom at all" * 20))
+        tickets += [batch.add(io.BytesIO(data)) for data in good[1:]]
+        results = batch.commit()
+    assert tickets == [0, 1, 2]
+    assert [r.outcome for r in results] == [Outcome.STORED] * 3
+    for data, result in zip(good, results, strict=True):
+        assert _read(store, "tenant-a", result.sop_uid) == data
+    # One directory per tenant and hour: one fsync covers the batch. No temp file is left.
+    blobs = _blobs(tmp_path)
+    assert len(blobs) == 3
+    assert len({p.parent for p in blobs}) == 1
+    assert all(p.suffix == ".enc" for p in blobs)
+
+
+def test_the_same_instance_twice_in_a_batch_is_stored_once(store, tmp_path):
+    data = generated()[0]
+    with store.batch("tenant-a") as batch:
+        batch.add(io.BytesIO(data))
+        batch.add(io.BytesIO(data))
+        with pytest.raises(InvalidInstance) as raised:
+            batch.add(io.BytesIO(data[:-4] + b"\x01\x02\x03\x04"))
+        results = batch.commit()
+    assert raised.value.reason == REASON_DUPLICATE
+    assert [r.outcome for r in results] == [Outcome.STORED, Outcome.ALREADY_PRESENT]
+    assert len(store.instances("tenant-a")) == 1
+    assert len(_blobs(tmp_path)) == 1
+
+
+def test_a_batch_sees_what_is_already_stored(store):
+    first, second = generated(slices=2)
+    store.store("tenant-a", io.BytesIO(first))
+    with store.batch("tenant-a") as batch:
+        batch.add(io.BytesIO(first))
+        batch.add(io.BytesIO(second))
+        results = batch.commit()
+    assert [r.outcome for r in results] == [Outcome.ALREADY_PRESENT, Outcome.STORED]
+
+
+def test_replace_policy_within_one_batch_keeps_the_last(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+    store = InstanceStore(
+        engine, tmp_path / "blobs", _keys(tmp_path, ["t"]), 10**7, replace_on_conflict=["t"]
+    )
+    data = generated()[0]
+    corrected = data[:-4] + b"\x01\x02\x03\x04"
+    with store.batch("t") as batch:
+        batch.add(io.BytesIO(data))
+        batch.add(io.BytesIO(corrected))
+        results = batch.commit()
+    assert [r.outcome for r in results] == [Outcome.STORED, Outcome.REPLACED]
+    assert _read(store, "t", results[0].sop_uid) == corrected
+    assert len(_blobs(tmp_path)) == 1
+
+
+def test_a_failed_commit_fails_its_instances_and_removes_their_blobs(store, tmp_path, monkeypatch):
+    import sqlalchemy.engine
+
+    def broken(*args, **kwargs):
+        raise OSError("database on fire")
+
+    with store.batch("tenant-a") as batch:
+        for data in generated(slices=2):
+            batch.add(io.BytesIO(data))
+        monkeypatch.setattr(sqlalchemy.engine.Engine, "begin", broken)
+        results = batch.commit()
+    assert all(isinstance(r, OSError) for r in results)
+    monkeypatch.undo()
+    assert store.instances("tenant-a") == []
+    assert _blobs(tmp_path) == []
+
+
+def test_a_concurrent_insert_is_settled_per_instance(store, tmp_path):
+    """Another writer commits the same instance between this batch's check and commit."""
+    first, second = generated(slices=2)
+    with store.batch("tenant-a") as batch:
+        batch.add(io.BytesIO(first))
+        batch.add(io.BytesIO(second))
+        store.store("tenant-a", io.BytesIO(first))  # the other writer wins the race
+        results = batch.commit()
+    assert [r.outcome for r in results] == [Outcome.ALREADY_PRESENT, Outcome.STORED]
+    assert len(store.instances("tenant-a")) == 2
+    assert len(_blobs(tmp_path)) == 2  # the loser's blob was removed
+
+
+def test_an_uncommitted_batch_leaves_nothing(store, tmp_path):
+    with store.batch("tenant-a") as batch:
+        batch.add(io.BytesIO(generated()[0]))
+    assert store.instances("tenant-a") == []
+    assert _blobs(tmp_path) == []
+
+
+def test_a_header_already_read_is_not_read_again(store, monkeypatch):
+    from exchange.dicom.part10 import read_header
+    from exchange.node import store as store_module
+
+    data = generated()[0]
+    header = read_header(io.BytesIO(data))
+
+    def no(*args, **kwargs):
+        raise AssertionError("parsed twice")
+
+    monkeypatch.setattr(store_module, "read_header", no)
+    result = store.store("tenant-a", io.BytesIO(data), header)
+    assert result.outcome is Outcome.STORED
+    assert _read(store, "tenant-a", result.sop_uid) == data

@@ -1,9 +1,12 @@
 """DICOMweb STOW-RS on the node (PS3.18 §10.5): the site's systems store instances.
 
-The body streams through ``MultipartReader`` in ~1 MiB batches; each part is spooled
-(memory up to 8 MiB, then a temporary file in the node's data directory) and stored as
-soon as its closing delimiter arrives, each in a worker thread. Every part gets its
-own result, so one bad instance never costs the others.
+The body streams through ``MultipartReader`` in ~1 MiB batches, handed through a small
+bounded queue to one worker thread per request, so receiving overlaps with storing.
+Each part is spooled (memory up to 8 MiB, then a temporary file in the node's data
+directory), validated and encrypted as soon as its closing delimiter arrives; parts
+are made durable and indexed in groups (``StoreBatch``), and the answer is sent only
+once every group is committed. Every part gets its own result, so one bad instance
+never costs the others.
 
 A body that breaks off or turns malformed is answered 400, and nothing after the
 break is stored; parts that were complete before it have been validated and stored
@@ -16,11 +19,14 @@ import json
 import logging
 import re
 import traceback
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+import anyio.from_thread
+import anyio.to_thread
+from anyio.streams.memory import MemoryObjectReceiveStream
 from fastapi import APIRouter, Request
 from pydicom.dataset import Dataset
 from starlette.requests import ClientDisconnect
@@ -35,8 +41,9 @@ from exchange.dicom.part10 import (
 )
 from exchange.errors import BadRequest, UnsupportedMediaType
 from exchange.node.deps import Services, SiteTenant
-from exchange.node.services import NodeServices, service_name
-from exchange.node.store import Outcome, StoreResult
+from exchange.node.services import NodeServices
+from exchange.node.storage import service_name
+from exchange.node.store import Outcome, StoreBatch, StoreResult
 
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
 log = logging.getLogger(__name__)
@@ -48,6 +55,10 @@ MULTIPART_RELATED = "multipart/related"
 REASON_STUDY_MISMATCH = 0xC409
 #: Body bytes handed to the parser at a time (DESIGN.md 3a: ~1 MiB chunks).
 BATCH_BYTES = 1024 * 1024
+#: Body batches received ahead of the worker: bounds a request's memory (~4 MiB queued).
+QUEUED_BATCHES = 4
+#: Parts made durable and indexed together (one directory fsync, one transaction).
+GROUP_PARTS = 32
 _UID = re.compile(r"[0-9][0-9.]{0,63}")
 _LO_MAX = 64
 
@@ -85,26 +96,123 @@ async def _stow(
     request: Request, services: NodeServices, tenant: str, study: str | None
 ) -> Response:
     boundary, declared = _boundary(request.headers.get("content-type"))
-    results: list[PartResult] = []
+    intake = _Intake(services, tenant, study, declared, boundary)
+    sender, receiver = anyio.create_memory_object_stream[bytes](QUEUED_BATCHES)
+    disconnected = False
+
+    async def receive() -> None:
+        nonlocal disconnected
+        async with sender:
+            try:
+                async for batch in _batches(request.stream()):
+                    await sender.send(batch)
+            except ClientDisconnect:
+                disconnected = True
+            except anyio.BrokenResourceError:
+                pass  # the intake stopped at a malformed body: the rest is not read
+
     try:
-        reader = MultipartReader(boundary, spool_dir=_spool_dir(services))
-        try:
-            async for batch in _batches(request.stream()):
-                parts = await anyio.to_thread.run_sync(reader.feed, batch)
-                results += [await _intake(services, tenant, study, p, declared) for p in parts]
-            reader.finish()
-        finally:
-            reader.close()
-    except MultipartError as exc:
-        raise BadRequest(f"{exc}{_kept(results)}") from None
-    except ClientDisconnect:
-        raise BadRequest(f"the request body ended early{_kept(results)}") from None
+        async with anyio.create_task_group() as group:
+            group.start_soon(receive)
+            # One worker thread per request parses and stores while the body arrives.
+            await anyio.to_thread.run_sync(intake.run, receiver, lambda: disconnected)
     finally:
-        _log_outcome(tenant, results)
+        _log_outcome(tenant, intake.results)
+    results = intake.results
+    if intake.error is not None:
+        raise BadRequest(f"{intake.error}{_kept(results)}") from None
+    if disconnected:
+        raise BadRequest(f"the request body ended early{_kept(results)}") from None
     if not results:
         raise BadRequest("the request holds no instances")
     body = _response(results, services.settings.base_url()).to_json_dict()
     return Response(json.dumps(body), status_code=_status(results), media_type=DICOM_JSON)
+
+
+class _Intake:
+    """The request's worker: multipart parsing, validation, and storing in batches.
+
+    Each part is validated and encrypted as soon as its closing delimiter arrives;
+    its blob is made durable and its index row committed with up to ``GROUP_PARTS``
+    others (one directory fsync, one transaction). Results are only final, and the
+    answer only sent, once every part's group is committed.
+    """
+
+    def __init__(
+        self,
+        services: NodeServices,
+        tenant: str,
+        study: str | None,
+        declared: str | None,
+        boundary: str,
+    ) -> None:
+        self.services, self.tenant, self.study, self.declared = services, tenant, study, declared
+        self.boundary = boundary
+        self.results: list[PartResult] = []
+        self.error: MultipartError | None = None
+        #: results[i] for a part added to the open batch: (index in results, header info)
+        self._waiting: list[tuple[int, str, str]] = []
+
+    def run(
+        self,
+        receiver: MemoryObjectReceiveStream[bytes],
+        disconnected: Callable[[], bool],
+    ) -> None:
+        with receiver, self.services.store.batch(self.tenant) as batch:
+            try:
+                reader = MultipartReader(self.boundary, spool_dir=_spool_dir(self.services))
+                try:
+                    while True:
+                        try:
+                            chunk = anyio.from_thread.run(receiver.receive)
+                        except anyio.EndOfStream:
+                            break
+                        for part in reader.feed(chunk):
+                            self._add(batch, part)
+                            if len(batch) >= GROUP_PARTS:
+                                self._commit(batch)
+                    if not disconnected():
+                        reader.finish()
+                finally:
+                    reader.close()
+            except MultipartError as exc:
+                self.error = exc
+            finally:
+                self._commit(batch)
+
+    def _add(self, batch: StoreBatch, part: Part) -> None:
+        try:
+            result = _store_part(batch, self.study, part, self.declared)
+        finally:
+            part.close()
+        if isinstance(result, Failure):
+            self.results.append(result)
+        else:
+            sop_class, sop = result
+            self._waiting.append((len(self.results), sop_class, sop))
+            self.results.append(Failure(REASON_PROCESSING_FAILURE, "not committed"))
+
+    def _commit(self, batch: StoreBatch) -> None:
+        waiting, self._waiting = self._waiting, []
+        if not waiting:
+            return
+        try:
+            outcomes: list[StoreResult | BaseException] = list(batch.commit())
+        except Exception as exc:  # commit() fails per instance; this is a last resort
+            outcomes = [exc] * len(waiting)
+        for (index, sop_class, sop), outcome in zip(waiting, outcomes, strict=True):
+            self.results[index] = _settled(outcome, sop_class, sop)
+
+
+def _settled(outcome: StoreResult | BaseException, sop_class: str, sop: str) -> PartResult:
+    if isinstance(outcome, StoreResult):
+        return outcome
+    if isinstance(outcome, InvalidInstance):
+        return Failure(outcome.reason, outcome.message, sop_class, sop)
+    if isinstance(outcome, Exception):
+        _log_unexpected(outcome)
+    message = "internal error storing this instance"
+    return Failure(REASON_PROCESSING_FAILURE, message, sop_class, sop, internal=True)
 
 
 def _boundary(content_type: str | None) -> tuple[str, str | None]:
@@ -140,19 +248,14 @@ async def _batches(stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         yield bytes(pending)
 
 
-async def _intake(
-    services: NodeServices, tenant: str, study: str | None, part: Part, declared: str | None
-) -> PartResult:
-    try:
-        return await anyio.to_thread.run_sync(_store_part, services, tenant, study, part, declared)
-    finally:
-        part.close()
-
-
 def _store_part(
-    services: NodeServices, tenant: str, study: str | None, part: Part, declared: str | None
-) -> PartResult:
-    """Validate and store one part; every way it can fail becomes a ``Failure``."""
+    batch: StoreBatch, study: str | None, part: Part, declared: str | None
+) -> Failure | tuple[str, str]:
+    """Validate one part and add it to ``batch``: its SOP Class and Instance UIDs, or why not.
+
+    Every way it can fail becomes a ``Failure``. The header is read once, here, and
+    handed to the store.
+    """
     # A part without a Content-Type is of the request's declared type (RFC 2387 "type").
     kind = part.content_type or declared
     if kind != DICOM:
@@ -165,13 +268,14 @@ def _store_part(
     if study is not None and header.study_uid != study:
         return Failure(REASON_STUDY_MISMATCH, "Study Instance UID mismatch", sop_class, sop)
     try:
-        return services.store.store(tenant, part.body)
+        batch.add(part.body, header)
     except InvalidInstance as exc:
         return Failure(exc.reason, exc.message, sop_class, sop)
     except Exception as exc:  # a bug or a broken disk/database: say so, keep the other parts
         _log_unexpected(exc)
         message = "internal error storing this instance"
         return Failure(REASON_PROCESSING_FAILURE, message, sop_class, sop, internal=True)
+    return sop_class, sop
 
 
 def _log_unexpected(exc: Exception) -> None:
