@@ -410,3 +410,44 @@ def test_a_clinician_search_for_studies_is_refused_and_shows_nothing(hub, subjec
     # the directory is theirs to search, and never includes what they may not read
     orgs = hub.get("Endpoint", who="clinician", _id=ep["id"])
     assert _bundle(orgs)["total"] == 1
+
+
+def _invalid_studies(patient_id: str, endpoint_id: str) -> list[tuple[str, dict, str]]:
+    good = study(f"{UID_ROOT}.950.{uuid.uuid4().int % 10**8}", patient_id, endpoint_id)
+    wrong_system = dict(
+        good, identifier=[{"system": "urn:ietf:rfc:3986", "value": good["identifier"][0]["value"]}]
+    )
+    bad_modality = dict(good, modality=[{"system": "http://example.org/modalities", "code": "CT"}])
+    return [
+        (
+            "missing subject",
+            {k: v for k, v in good.items() if k != "subject"},
+            "ImagingStudy.subject",
+        ),
+        ("wrong identifier system", wrong_system, "ImagingStudy.identifier[0].system"),
+        ("bad date", dict(good, started="2026-13-45"), "ImagingStudy.started"),
+        ("unknown modality system", bad_modality, "ImagingStudy.modality[0].system"),
+    ]
+
+
+def test_invalid_resources_get_precise_outcomes_and_store_nothing(hub):
+    pat = hub.post(patient(f"INV-{uuid.uuid4().hex[:8]}"))
+    ep = hub.post(endpoint())
+    before = _bundle(hub.get("ImagingStudy", _summary="count"))["total"]
+    for what, body, expression in _invalid_studies(pat["id"], ep["id"]):
+        answer = hub.http.post(f"{hub.fhir}/ImagingStudy", json=body, headers=hub.headers())
+        assert answer.status_code == 422, (what, answer.text)
+        outcome = answer.json()
+        assert outcome["resourceType"] == "OperationOutcome"
+        located = [e for issue in outcome["issue"] for e in issue.get("expression", [])]
+        assert any(e.startswith(expression) for e in located), (what, located)
+    wrong_type = hub.http.post(
+        f"{hub.fhir}/ImagingStudy", json=patient("X-1"), headers=hub.headers()
+    )
+    assert wrong_type.status_code == 400
+    not_json = hub.http.post(
+        f"{hub.fhir}/ImagingStudy", content=b"{not json", headers=hub.headers()
+    )
+    assert not_json.status_code == 400
+    assert not_json.json()["resourceType"] == "OperationOutcome"
+    assert _bundle(hub.get("ImagingStudy", _summary="count"))["total"] == before
