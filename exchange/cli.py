@@ -48,6 +48,16 @@ def _positive(value: str) -> int:
     return number
 
 
+def _count(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must not be negative")
+    return number
+
+
 def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
     from exchange.config import load_settings
 
@@ -177,6 +187,198 @@ def _shred(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _load_synthetic(args: argparse.Namespace) -> int:
+    from exchange.database import make_engine
+    from exchange.fhir import synthetic
+    from exchange.hub.services import SERVICE
+
+    settings = _settings(args, data_dir=args.data_dir)
+    try:
+        spec = synthetic.Spec(args.studies, args.patients, seed=args.seed, sites=args.sites)
+    except ValueError as exc:
+        raise UsageError(f"exchange hub load-synthetic: {exc}") from None
+    url = settings.database(SERVICE)
+    engine = make_engine(url)
+
+    shown = [0.0]
+
+    def progress(step: synthetic.Progress) -> None:
+        if step.seconds - shown[0] < 2 and step.done < step.total:
+            return
+        shown[0] = step.seconds
+        share = step.done / step.total if step.total else 1.0
+        print(
+            f"  {step.done:,}/{step.total:,} resources ({share:.0%}) in {step.seconds:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    print(
+        f"loading {spec.sites} sites, {spec.patients:,} patients and {spec.studies:,} studies "
+        f"(seed {spec.seed}) into {engine.url.render_as_string(hide_password=True)}",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        summary = synthetic.load(
+            engine, spec, local_base=f"{settings.base_url()}/fhir", progress=progress
+        )
+    finally:
+        engine.dispose()
+    print(summary.describe())
+    return EXIT_OK
+
+
+def _policy_dir(args: argparse.Namespace) -> Path:
+    if args.policy_dir is not None:
+        return Path(args.policy_dir)
+    return Path(_settings(args).policy_dir)
+
+
+def _percent(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid percentage {value!r}") from None
+    if not 0 <= number <= 100:
+        raise argparse.ArgumentTypeError(f"{value!r} is not between 0 and 100")
+    return number
+
+
+def _instant(value: str) -> Any:
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid date/time {value!r} (ISO 8601)") from None
+
+
+def _policy_test(args: argparse.Namespace) -> int:
+    from exchange.policy.testing import run_tests
+
+    report = run_tests(_policy_dir(args))
+    failed = report.failed
+    for test in report.tests if args.verbose else failed:
+        print(
+            f"{'PASS' if test.passed else 'FAIL'} {test.id}"
+            + (f": {test.problem}" if test.problem else "")
+        )
+    print(f"policy version {report.version}: {len(report.tests)} tests, {len(failed)} failed")
+    print("line coverage of the policies:")
+    for file in report.coverage:
+        missing = (
+            f"; not covered: lines {', '.join(map(str, file.not_covered))}"
+            if file.not_covered
+            else ""
+        )
+        print(f"  {file.path}: {file.percent:.1f}% of {file.lines} lines{missing}")
+    print(f"  total: {report.percent:.1f}% (minimum {args.min_coverage:g}%)")
+    if not report.tests:
+        print("exchange: error: no test_ rules found beside the policies", file=sys.stderr)
+        return EXIT_FAILURE
+    if failed:
+        return EXIT_FAILURE
+    if report.percent < args.min_coverage:
+        print(
+            f"exchange: error: coverage {report.percent:.1f}% is below {args.min_coverage:g}%",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _policy_engine(args: argparse.Namespace) -> Any:
+    from exchange.policy.engine import EmbeddedEngine
+
+    return EmbeddedEngine(_policy_dir(args), watch=False)
+
+
+def _policy_explain(args: argparse.Namespace) -> int:
+    from exchange.policy import tools
+
+    claims = tools.claims_from_token(args.token) if args.token else tools.load_claims(args.claims)
+    subject = tools.subject_of(claims, args.reason, args.purpose or ())
+    study = tools.pick_study(tools.load_studies(args.study_file), args.study, args.study_file)
+    consents = tools.load_consents(args.consents)
+    decision = tools.explain(_policy_engine(args), subject, study, args.action, consents, args.now)
+    if args.json:
+        print(json.dumps(decision.as_json(), indent=2))
+        return EXIT_OK
+    verdict = "ALLOWED" if decision.allow else "REFUSED"
+    print(f"{args.action} of study {study.study} by {tools.describe_subject(subject)}: {verdict}")
+    for reason in decision.reasons:
+        print(f"  - {reason}")
+    for obligation in decision.obligations:
+        print(f"  obligation {obligation.get('code')}: {obligation.get('text', '')}")
+    print(f"policy version {decision.policy_version}; input sha256 {decision.input_digest}")
+    if args.token:
+        print("(the token's signature was not checked: explain reads its claims only)")
+    return EXIT_OK
+
+
+def _policy_what_if(args: argparse.Namespace) -> int:
+    from exchange.policy import tools
+
+    studies = tools.load_studies(args.study_file)
+    callers = None
+    if args.callers is not None:
+        listed = tools.load_claims(args.callers)
+        callers = [tools.subject_of(c) for c in (listed if isinstance(listed, list) else [listed])]
+    result = tools.what_if(
+        _policy_engine(args),
+        args.patient,
+        studies,
+        tools.load_consents(args.consents),
+        tools.load_consents(args.consent),
+        callers,
+        tuple(args.action or ("view", "export")),
+        args.now,
+    )
+    if args.json:
+        print(json.dumps([c.as_json() for c in result.changes], indent=2))
+        return EXIT_OK
+    print(
+        f"{len(result.studies)} studies x {len(result.callers)} callers x "
+        f"{len(result.actions)} actions: "
+        f"{len(result.changes)} of {result.compared} decisions change"
+    )
+    for change in result.changes:
+        before = "allowed" if change.before.allow else "refused"
+        after = "allowed" if change.after.allow else "refused"
+        print(
+            f"  study {change.study}, {change.action} by {tools.describe_subject(change.caller)}: "
+            f"{before} -> {after} ({change.after.reason()})"
+        )
+    return EXIT_OK
+
+
+def _add_policy_flags(parser: argparse.ArgumentParser) -> None:
+    _add_config(parser)
+    parser.add_argument(
+        "--policy-dir",
+        type=Path,
+        metavar="DIR",
+        help="the policies (default: EXCHANGE_POLICY_DIR, else the repository's policies/)",
+    )
+
+
+def _add_offline_flags(parser: argparse.ArgumentParser) -> None:
+    _add_policy_flags(parser)
+    parser.add_argument(
+        "--study-file",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="resource facts JSON: {study, uid, patient[], custodian, security_labels[], date}"
+        " or a list of them",
+    )
+    parser.add_argument(
+        "--now", type=_instant, metavar="WHEN", help="decide as at this ISO 8601 time"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
 def _add_node_flags(parser: argparse.ArgumentParser) -> None:
     _add_config(parser)
     parser.add_argument("--data-dir", type=Path, metavar="DIR", help="the node's data directory")
@@ -184,6 +386,7 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from exchange.policy.decisions import ACTIONS
     from exchange.security.tokens import ROLES
 
     parser = _Parser(prog="exchange", description="Federated medical-image exchange for an HIE.")
@@ -248,6 +451,82 @@ def build_parser() -> argparse.ArgumentParser:
     _add_node_flags(shred_parser)
     shred_parser.set_defaults(handler=_shred)
     node_admin.set_defaults(handler=lambda _a: _missing(node_admin, "TOOL"))
+
+    hub_admin = verbs.add_parser("hub", help="administer the hub (bulk data)")
+    hub_verbs = hub_admin.add_subparsers(dest="hub_verb", metavar="TOOL", parser_class=_Parser)
+    synthetic = hub_verbs.add_parser(
+        "load-synthetic",
+        help="bulk-load generated, profile-valid data fast (for benchmarks and demos)",
+        description="Write synthetic sites (Organization + DICOMweb Endpoint), patients "
+        "(Synthetic^NNNN) and imaging studies straight into the hub's database, in large "
+        "transactions. Safe while the hub runs; the same seed gives the same data, and "
+        "what is already stored is skipped.",
+    )
+    synthetic.add_argument("--studies", type=_count, required=True, metavar="N")
+    synthetic.add_argument("--patients", type=_positive, required=True, metavar="M")
+    synthetic.add_argument("--seed", type=_count, default=1, metavar="S", help="default 1")
+    synthetic.add_argument("--sites", type=_positive, default=4, metavar="K", help="default 4")
+    _add_config(synthetic)
+    synthetic.add_argument("--data-dir", type=Path, metavar="DIR", help="the hub's data directory")
+    synthetic.set_defaults(handler=_load_synthetic)
+    hub_admin.set_defaults(handler=lambda _a: _missing(hub_admin, "TOOL"))
+
+    policy = verbs.add_parser(
+        "policy",
+        help="test the access policies and explain their decisions (offline)",
+        description="Work on policies/ alone: no hub, no database. explain and what-if read "
+        "the study facts and the consents from files (--study-file, --consents: a FHIR Bundle, "
+        "an array of Consent resources or one Consent).",
+    )
+    policy_verbs = policy.add_subparsers(dest="policy_verb", metavar="TOOL", parser_class=_Parser)
+    test = policy_verbs.add_parser(
+        "test", help="compile, run every test_ rule, print line coverage of the policies"
+    )
+    _add_policy_flags(test)
+    test.add_argument(
+        "--min-coverage",
+        type=_percent,
+        default=90.0,
+        metavar="PCT",
+        help="fail below this line coverage (default 90)",
+    )
+    test.add_argument("-v", "--verbose", action="store_true", help="list every test")
+    test.set_defaults(handler=_policy_test)
+    explain = policy_verbs.add_parser(
+        "explain", help="the decision and its reasons for one caller, study and action"
+    )
+    who = explain.add_mutually_exclusive_group(required=True)
+    who.add_argument("--token", metavar="JWT", help="the caller's token (claims read, not checked)")
+    who.add_argument("--claims", type=Path, metavar="FILE", help="the caller's claims as JSON")
+    explain.add_argument("--study", metavar="ID", help="which study of --study-file (id or UID)")
+    explain.add_argument("--action", choices=ACTIONS, default="view")
+    explain.add_argument("--consents", type=Path, metavar="FILE", help="the patient's consents")
+    explain.add_argument(
+        "--purpose", action="append", metavar="CODE", help="override the purpose of use"
+    )
+    explain.add_argument("--reason", help="a break-the-glass reason")
+    _add_offline_flags(explain)
+    explain.set_defaults(handler=_policy_explain)
+    what_if = policy_verbs.add_parser(
+        "what-if", help="which decisions about a patient's studies a new consent would change"
+    )
+    what_if.add_argument("--patient", required=True, metavar="ID", help="the patient's id")
+    what_if.add_argument(
+        "--consent", type=Path, required=True, metavar="FILE", help="the new consent(s)"
+    )
+    what_if.add_argument("--consents", type=Path, metavar="FILE", help="the consents in force now")
+    what_if.add_argument(
+        "--callers",
+        type=Path,
+        metavar="FILE",
+        help="claims of the callers to try (default: a clinician of each organisation named)",
+    )
+    what_if.add_argument(
+        "--action", action="append", choices=ACTIONS, help="repeatable (default view, export)"
+    )
+    _add_offline_flags(what_if)
+    what_if.set_defaults(handler=_policy_what_if)
+    policy.set_defaults(handler=lambda _a: _missing(policy, "TOOL"))
 
     dev = verbs.add_parser("dev", help="development helpers (never for production)")
     dev_verbs = dev.add_subparsers(dest="dev_verb", metavar="TOOL", parser_class=_Parser)

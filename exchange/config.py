@@ -102,6 +102,8 @@ class Settings(BaseSettings):
     policy_dir: Path = Field(default_factory=_repo_policies)
     #: OPA server base URL, used when policy_engine = "server".
     opa_url: str | None = None
+    #: How long to wait for the OPA server; no answer in time is a deny.
+    opa_timeout_seconds: Annotated[float, Field(gt=0, le=30)] = 2.0
 
     # -- node --------------------------------------------------------------
     node_id: Identifier = "node"

@@ -94,7 +94,12 @@ def build(settings: Settings) -> HubServices:
         engine=engine,
         resources=repository,
         patients=PatientIndex(engine, repository, settings.hie_identifier_system, fhir_base),
-        policy=open_engine(settings.policy_engine, settings.policy_dir, settings.opa_url),
+        policy=open_engine(
+            settings.policy_engine,
+            settings.policy_dir,
+            settings.opa_url,
+            timeout=settings.opa_timeout_seconds,
+        ),
         grant_key=keys.load_or_create(data_dir / "keys" / "grant-signing.pem"),
         tokens=JwtValidator(resolvers, settings.audience),
         idp=idp,
