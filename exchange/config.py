@@ -104,6 +104,19 @@ class Settings(BaseSettings):
     opa_url: str | None = None
     #: How long to wait for the OPA server; no answer in time is a deny.
     opa_timeout_seconds: Annotated[float, Field(gt=0, le=30)] = 2.0
+    #: Where patients' Consent resources come from: the hub's own index, or the HIE's
+    #: consent registry (any FHIR server) at consent_registry_url.
+    consent_source: Literal["index", "registry"] = "index"
+    #: FHIR base URL of the HIE's consent registry, used when consent_source = "registry".
+    consent_registry_url: str | None = None
+    #: Bearer token the hub presents to the consent registry.
+    consent_registry_token: SecretStr | None = None
+    #: How long a registry answer is used without asking again.
+    consent_cache_seconds: Annotated[float, Field(ge=0, le=86400)] = 60.0
+    #: How old a cached answer may be while the registry is unreachable; older: deny.
+    consent_max_staleness_seconds: Annotated[float, Field(ge=0, le=86400)] = 300.0
+    #: How long to wait for the consent registry.
+    consent_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 5.0
 
     # -- node --------------------------------------------------------------
     node_id: Identifier = "node"
@@ -128,7 +141,7 @@ class Settings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
         return tuple(sources)
 
-    @field_validator("public_url", "hub_url", "opa_url")
+    @field_validator("public_url", "hub_url", "opa_url", "consent_registry_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is None:
@@ -141,6 +154,10 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.policy_engine == "server" and not self.opa_url:
             raise ValueError("policy_engine = 'server' needs opa_url")
+        if self.consent_source == "registry" and not self.consent_registry_url:
+            raise ValueError("consent_source = 'registry' needs consent_registry_url")
+        if self.consent_max_staleness_seconds < self.consent_cache_seconds:
+            raise ValueError("consent_max_staleness_seconds must be at least consent_cache_seconds")
         if self.dev_idp and not self.dev_mode:
             raise ValueError(
                 "dev_idp needs dev_mode = true (the development IdP is not for production)"

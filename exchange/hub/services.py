@@ -13,6 +13,12 @@ from exchange.config import Settings
 from exchange.database import make_engine, ping
 from exchange.fhir.mpi import PatientIndex
 from exchange.fhir.repository import Repository, SqlRepository
+from exchange.hub.consents import (
+    ConsentSource,
+    IndexConsentSource,
+    RegistryConsentSource,
+    index_identifiers,
+)
 from exchange.policy.engine import PolicyEngine, open_engine
 from exchange.security import devidp, keys
 from exchange.security.tokens import JwtValidator, KeyResolver, jwks_resolver, static_resolver
@@ -33,6 +39,8 @@ class HubServices:
     grant_key: keys.SigningKey
     tokens: JwtValidator
     idp: devidp.DevIdentityProvider | None
+    #: Patients' Consents: the hub's index or the HIE's consent registry.
+    consents: ConsentSource
 
     def checks(self) -> list[Check]:
         async def database() -> None:
@@ -44,13 +52,18 @@ class HubServices:
         async def policy_engine() -> None:
             await anyio.to_thread.run_sync(self.policy.check)
 
+        async def consents() -> None:
+            await anyio.to_thread.run_sync(self.consents.check)
+
         return [
             Check("database", database),
             Check("keys", signing_keys),
             Check("policy", policy_engine),
+            Check("consents", consents),
         ]
 
     def close(self) -> None:
+        self.consents.close()
         self.engine.dispose()
 
 
@@ -70,6 +83,21 @@ def _discovered_resolver(issuer: str) -> KeyResolver:
         return resolved[0](token)
 
     return resolve
+
+
+def _consent_source(settings: Settings, repository: Repository) -> ConsentSource:
+    if settings.consent_source == "index":
+        return IndexConsentSource(repository)
+    assert settings.consent_registry_url is not None  # the settings validate this
+    token = settings.consent_registry_token
+    return RegistryConsentSource(
+        settings.consent_registry_url,
+        identifiers=index_identifiers(repository),
+        token=token.get_secret_value() if token else None,
+        cache_seconds=settings.consent_cache_seconds,
+        max_staleness_seconds=settings.consent_max_staleness_seconds,
+        timeout=settings.consent_timeout_seconds,
+    )
 
 
 def build(settings: Settings) -> HubServices:
@@ -103,4 +131,5 @@ def build(settings: Settings) -> HubServices:
         grant_key=keys.load_or_create(data_dir / "keys" / "grant-signing.pem"),
         tokens=JwtValidator(resolvers, settings.audience),
         idp=idp,
+        consents=_consent_source(settings, repository),
     )
