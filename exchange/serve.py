@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import uvicorn
@@ -23,6 +24,10 @@ def run(role: str, settings: Settings) -> int:
     else:
         from exchange.node.app import create_app
     app = create_app(settings)  # raises ConfigurationError before binding anything
+    # Start-up objects live for the whole process: keep the collector from rescanning them,
+    # which otherwise costs 40-60 ms pauses in the middle of requests.
+    gc.collect()
+    gc.freeze()
     log.info("starting", extra={"service": role, "url": settings.base_url()})
     uvicorn.run(
         app,
