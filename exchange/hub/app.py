@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from exchange import __version__
 from exchange.config import Settings
 from exchange.hub import services
-from exchange.hub.routes import fhir, mpi, wellknown
+from exchange.hub.routes import fhir, idp, mpi, wellknown
 from exchange.web.app import finish
 
 
@@ -27,6 +27,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="Exchange hub", version=__version__, lifespan=lifespan)
     app.state.services = built
+    app.include_router(idp.router)  # before fhir: /fhir/.well-known/… is not a resource type
     app.include_router(fhir.router)
     app.include_router(wellknown.router)
     app.include_router(mpi.router)

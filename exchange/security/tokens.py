@@ -103,6 +103,8 @@ class JwtValidator:
             )
         except jwt.ExpiredSignatureError:
             raise NotAuthenticated("the token has expired") from None
+        except jwt.ImmatureSignatureError:
+            raise NotAuthenticated("the token is not valid yet (nbf/iat in the future)") from None
         except jwt.InvalidAudienceError:
             raise NotAuthenticated("the token is not meant for this service") from None
         except jwt.PyJWKClientError:

@@ -161,3 +161,93 @@ def test_signing_key_persists(tmp_path):
     assert (tmp_path / "k.pem").stat().st_mode & 0o777 == 0o600
     assert first.jwks()["keys"][0]["kid"] == first.kid
     assert "d" not in first.jwks()["keys"][0]  # never the private part
+
+
+def test_not_yet_valid_token_is_refused(idp, validator):
+    later = int(time.time()) + 300  # well beyond the 30 s leeway
+    token = idp.issue(sub="dr-a", role="clinician", org="org-a", extra={"nbf": later})
+    with pytest.raises(NotAuthenticated, match="not valid yet"):
+        validator.validate(token)
+
+
+def test_not_before_within_the_leeway_is_accepted(idp, validator):
+    soon = int(time.time()) + 10  # a clock a few seconds apart is not an attack
+    token = idp.issue(sub="dr-a", role="clinician", org="org-a", extra={"nbf": soon})
+    assert validator.validate(token).sub == "dr-a"
+
+
+def test_tampered_payload_is_refused(idp, validator):
+    import json
+
+    header, payload, signature = idp.issue(sub="dr-a", role="patient", org="org-a").split(".")
+    claims = json.loads(jwt.utils.base64url_decode(payload))
+    claims["role"] = "operator"
+    forged = jwt.utils.base64url_encode(json.dumps(claims).encode()).decode()
+    with pytest.raises(NotAuthenticated, match="signature"):
+        validator.validate(f"{header}.{forged}.{signature}")
+
+
+class _JwksServer:
+    """A real JWKS endpoint on loopback whose key set can be rotated, counting fetches."""
+
+    def __init__(self, jwks):
+        import http.server
+        import json
+        import threading
+
+        self.jwks = jwks
+        self.fetches = 0
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                owner.fetches += 1
+                body = json.dumps(owner.jwks).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/jwks.json"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_unknown_kid_after_refresh_is_refused_and_a_rotated_key_accepted(tmp_path, monkeypatch):
+    from exchange.security.tokens import jwks_resolver
+
+    # PyJWKClient forces at most one refresh per cooldown (30 s) after a fetch: step past it.
+    real_monotonic, skipped = time.monotonic, [0.0]
+    monkeypatch.setattr(time, "monotonic", lambda: real_monotonic() + skipped[0])
+
+    old, new, stranger = (load_or_create(tmp_path / f"{n}.pem") for n in ("old", "new", "x"))
+    server = _JwksServer(old.jwks())
+    try:
+        validator = JwtValidator({ISSUER: jwks_resolver(server.url)}, "exchange")
+
+        def token(key):
+            return DevIdentityProvider(ISSUER, key, "exchange").issue(
+                sub="dr-a", role="clinician", org="org-a"
+            )
+
+        assert validator.validate(token(old)).sub == "dr-a"
+        assert server.fetches == 1
+        server.jwks = new.jwks()  # the issuer rotates its key
+        skipped[0] += 31
+        assert validator.validate(token(new)).sub == "dr-a"  # unknown kid: re-fetched, found
+        assert server.fetches == 2
+        skipped[0] += 31
+        with pytest.raises(NotAuthenticated, match="signing key is unknown"):
+            validator.validate(token(stranger))  # in neither the old nor the refreshed set
+        assert server.fetches == 3  # it did look again before refusing
+    finally:
+        server.close()
