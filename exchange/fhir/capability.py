@@ -40,7 +40,14 @@ def _resource(resource_type: str, writable: bool) -> dict[str, Any]:
     return entry
 
 
-def capability_statement(base_url: str, software_version: str) -> dict[str, Any]:
+OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
+
+
+def capability_statement(
+    base_url: str, software_version: str, oauth: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """``oauth``: the authorization server's ``authorize``/``token`` URLs, when known, so
+    SMART clients that read them from the CapabilityStatement find them."""
     statement = CapabilityStatement.model_validate(
         {
             "resourceType": "CapabilityStatement",
@@ -62,6 +69,21 @@ def capability_statement(base_url: str, software_version: str) -> dict[str, Any]
                         "Prefer: handling=lenient."
                     ),
                     "security": {
+                        **(
+                            {
+                                "extension": [
+                                    {
+                                        "url": OAUTH_URIS,
+                                        "extension": [
+                                            {"url": name, "valueUri": uri}
+                                            for name, uri in oauth.items()
+                                        ],
+                                    }
+                                ]
+                            }
+                            if oauth
+                            else {}
+                        ),
                         "service": [
                             {
                                 "coding": [

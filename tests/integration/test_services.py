@@ -60,6 +60,13 @@ def test_capability_statement(federation):
     statement = response.json()
     assert statement["resourceType"] == "CapabilityStatement"
     assert statement["fhirVersion"] == "4.0.1"
+    oauth = statement["rest"][0]["security"]["extension"][0]
+    assert oauth["url"].endswith("/oauth-uris")
+    uris = {e["url"]: e["valueUri"] for e in oauth["extension"]}
+    assert uris == {
+        "authorize": f"{federation.hub.url}/idp/authorize",
+        "token": f"{federation.hub.url}/idp/token",
+    }
     served = {r["type"] for r in statement["rest"][0]["resource"]}
     assert {
         "ImagingStudy",

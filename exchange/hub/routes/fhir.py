@@ -175,7 +175,11 @@ def _conditions(
 
 @router.get("/metadata")
 async def metadata(services: Services) -> Response:
-    return _fhir(capability_statement(services.settings.base_url(), __version__))
+    idp = services.idp
+    oauth = (
+        {"authorize": f"{idp.issuer}/authorize", "token": f"{idp.issuer}/token"} if idp else None
+    )
+    return _fhir(capability_statement(services.settings.base_url(), __version__, oauth))
 
 
 @router.get("/{resource_type}")
