@@ -6,7 +6,6 @@ import logging
 from dataclasses import dataclass
 
 import anyio
-import httpx
 from sqlalchemy import Engine
 
 from exchange.config import Settings
@@ -21,7 +20,7 @@ from exchange.hub.consents import (
 )
 from exchange.policy.engine import PolicyEngine, open_engine
 from exchange.security import devidp, keys
-from exchange.security.tokens import JwtValidator, KeyResolver, jwks_resolver, static_resolver
+from exchange.security.tokens import JwtValidator, KeyResolver, issuer_resolver, static_resolver
 from exchange.web.health import Check
 
 log = logging.getLogger(__name__)
@@ -71,20 +70,6 @@ def idp_issuer(settings: Settings) -> str:
     return f"{settings.base_url()}/idp"
 
 
-def _discovered_resolver(issuer: str) -> KeyResolver:
-    """Find the issuer's JWKS through OIDC discovery on first use."""
-    resolved: list[KeyResolver] = []
-
-    def resolve(token: str) -> object:
-        if not resolved:
-            answer = httpx.get(f"{issuer}/.well-known/openid-configuration", timeout=5)
-            answer.raise_for_status()
-            resolved.append(jwks_resolver(str(answer.json()["jwks_uri"])))
-        return resolved[0](token)
-
-    return resolve
-
-
 def _consent_source(settings: Settings, repository: Repository) -> ConsentSource:
     if settings.consent_source == "index":
         return IndexConsentSource(repository)
@@ -107,9 +92,7 @@ def build(settings: Settings) -> HubServices:
     fhir_base = f"{settings.base_url()}/fhir"
     repository = SqlRepository(engine, local_base=fhir_base)
     resolvers: dict[str, KeyResolver] = {
-        trusted.issuer: jwks_resolver(trusted.jwks_uri)
-        if trusted.jwks_uri
-        else _discovered_resolver(trusted.issuer)
+        trusted.issuer: issuer_resolver(trusted.issuer, trusted.jwks_uri)
         for trusted in settings.issuers
     }
     idp = None

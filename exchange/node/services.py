@@ -14,7 +14,7 @@ from exchange.node.storage import data_dir, open_keys, open_store, service_name
 from exchange.node.store import InstanceStore
 from exchange.security.grants import GrantVerifier
 from exchange.security.keystore import FileKeyStore
-from exchange.security.tokens import JwtValidator, KeyResolver, jwks_resolver
+from exchange.security.tokens import JwtValidator, issuer_resolver, jwks_resolver
 from exchange.web.health import Check
 
 JWKS_PATH = "/.well-known/jwks.json"
@@ -45,11 +45,6 @@ class NodeServices:
         self.engine.dispose()
 
 
-def _issuer_resolver(issuer: str, jwks_uri: str | None) -> KeyResolver:
-    # OIDC issuers publish their keys at a discovered URI; ours and the dev IdP's are fixed.
-    return jwks_resolver(jwks_uri or f"{issuer}{JWKS_PATH}")
-
-
 def build(settings: Settings) -> NodeServices:
     directory = data_dir(settings)
     engine = make_engine(settings.database(service_name(settings)))
@@ -57,7 +52,7 @@ def build(settings: Settings) -> NodeServices:
     tokens = None
     if settings.issuers:
         tokens = JwtValidator(
-            {i.issuer: _issuer_resolver(i.issuer, i.jwks_uri) for i in settings.issuers},
+            {i.issuer: issuer_resolver(i.issuer, i.jwks_uri) for i in settings.issuers},
             settings.audience,
         )
     grants = None

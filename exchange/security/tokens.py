@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+import httpx
 import jwt
 from jwt import PyJWKClient
 
@@ -64,6 +65,28 @@ def jwks_resolver(jwks_uri: str) -> KeyResolver:
 
     def resolve(token: str) -> Any:
         return client.get_signing_key_from_jwt(token).key
+
+    return resolve
+
+
+def issuer_resolver(issuer: str, jwks_uri: str | None = None) -> KeyResolver:
+    """Keys of a trusted OIDC issuer: from ``jwks_uri`` if configured, else found through
+    OIDC discovery on first use. An unreachable issuer is a key error (401), never a 500."""
+    if jwks_uri:
+        return jwks_resolver(jwks_uri)
+    resolved: list[KeyResolver] = []
+
+    def resolve(token: str) -> Any:
+        if not resolved:
+            try:
+                answer = httpx.get(f"{issuer}/.well-known/openid-configuration", timeout=5)
+                answer.raise_for_status()
+                resolved.append(jwks_resolver(str(answer.json()["jwks_uri"])))
+            except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+                raise jwt.PyJWKClientConnectionError(
+                    f"OIDC discovery at {issuer} failed: {type(exc).__name__}"
+                ) from None
+        return resolved[0](token)
 
     return resolve
 

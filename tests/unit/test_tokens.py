@@ -251,3 +251,14 @@ def test_unknown_kid_after_refresh_is_refused_and_a_rotated_key_accepted(tmp_pat
         assert server.fetches == 3  # it did look again before refusing
     finally:
         server.close()
+
+
+def test_unreachable_issuer_is_a_401_not_a_crash(idp):
+    from exchange.federation import free_port
+    from exchange.security.tokens import issuer_resolver
+
+    issuer = f"http://127.0.0.1:{free_port()}/idp"  # nothing listens there
+    token = idp.issue(sub="dr", role="clinician", org="org-a", extra={"iss": issuer})
+    validator = JwtValidator({issuer: issuer_resolver(issuer)}, "exchange")
+    with pytest.raises(NotAuthenticated, match="signing key"):
+        validator.validate(token)
