@@ -187,6 +187,33 @@ def _shred(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _reconcile(args: argparse.Namespace) -> int:
+    from exchange.node.reconcile import Reconciler
+    from exchange.node.services import build
+
+    settings = _node_settings(args)
+    services = build(settings)
+    try:
+        if services.publisher is None or services.hub is None:
+            raise ConfigurationError(
+                "publishing is not configured: set EXCHANGE_HUB_URL and a hub credential "
+                "(EXCHANGE_HUB_CLIENT_ID/SECRET or EXCHANGE_HUB_TOKEN)"
+            )
+        reconciler = Reconciler(
+            settings,
+            services.engine,
+            services.store,
+            services.outbox,
+            services.hub,
+            services.publisher,
+        )
+        report = reconciler.run(dry_run=args.dry_run, wait=args.wait)
+    finally:
+        services.close()
+    print("\n".join(report.lines()))
+    return EXIT_OK
+
+
 def _load_synthetic(args: argparse.Namespace) -> int:
     from exchange.database import make_engine
     from exchange.fhir import synthetic
@@ -226,6 +253,78 @@ def _load_synthetic(args: argparse.Namespace) -> int:
     finally:
         engine.dispose()
     print(summary.describe())
+    return EXIT_OK
+
+
+def _audit_log(args: argparse.Namespace) -> Any:
+    """The hub's audit trail, opened from the hub's settings (its database and key)."""
+    from exchange.audit.log import AuditLog
+    from exchange.database import make_engine
+    from exchange.fhir.repository import SqlRepository
+    from exchange.hub.services import SERVICE, grant_key_path
+    from exchange.security.keys import load_or_create
+
+    settings = _settings(args, data_dir=args.data_dir)
+    url = settings.database(SERVICE)
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise ConfigurationError(f"no hub database at {url.removeprefix('sqlite:///')}")
+    key_file = grant_key_path(settings)
+    signer = load_or_create(key_file) if key_file.is_file() else None
+    engine = make_engine(url)
+    return AuditLog(engine, SqlRepository(engine), signer), engine
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    audit, engine = _audit_log(args)
+    try:
+        result = audit.verify()
+    finally:
+        engine.dispose()
+    if result.ok:
+        print(f"audit chain intact: {result.records} records, {result.checkpoints} checkpoints")
+        return EXIT_OK
+    where = f"record {result.first_broken_seq}" if result.first_broken_seq else ""
+    if result.first_broken_id:
+        name = f"AuditEvent/{result.first_broken_id}"
+        where = f"{where} ({name})" if where else name
+    problem = result.problem or "unknown problem"
+    if where and problem.startswith(f"{where} "):
+        problem = "it " + problem.removeprefix(f"{where} ")
+    print(f"audit chain BROKEN at {where}: {problem}")
+    return EXIT_FAILURE
+
+
+def _audit_export(args: argparse.Namespace) -> int:
+    import os
+    import tempfile
+    from datetime import UTC
+
+    since = args.since
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    audit, engine = _audit_log(args)
+    try:
+        if args.out is None or str(args.out) == "-":
+            count = audit.export(sys.stdout, since)
+            sys.stdout.flush()
+            target = "standard output"
+        else:
+            path: Path = args.out
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                    count = audit.export(handle, since)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            target = str(path)
+    finally:
+        engine.dispose()
+    print(f"exported {count} AuditEvents to {target}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -450,6 +549,21 @@ def build_parser() -> argparse.ArgumentParser:
     shred_parser.add_argument("--confirm", metavar="TENANT", help="repeat the tenant id")
     _add_node_flags(shred_parser)
     shred_parser.set_defaults(handler=_shred)
+    reconcile = node_verbs.add_parser(
+        "reconcile",
+        help="compare the node's studies with the hub's index and repair the differences",
+        description="Publish studies the hub lacks or has out of date, retract those the node "
+        "no longer holds, retry publications the hub refused. Safe while the node runs: it "
+        "queues the repairs in the node's outbox, which the running node delivers.",
+    )
+    reconcile.add_argument(
+        "--dry-run", action="store_true", help="only report the differences and the outbox"
+    )
+    reconcile.add_argument(
+        "--wait", action="store_true", help="deliver the repairs before returning"
+    )
+    _add_node_flags(reconcile)
+    reconcile.set_defaults(handler=_reconcile)
     node_admin.set_defaults(handler=lambda _a: _missing(node_admin, "TOOL"))
 
     hub_admin = verbs.add_parser("hub", help="administer the hub (bulk data)")
@@ -470,6 +584,42 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--data-dir", type=Path, metavar="DIR", help="the hub's data directory")
     synthetic.set_defaults(handler=_load_synthetic)
     hub_admin.set_defaults(handler=lambda _a: _missing(hub_admin, "TOOL"))
+
+    audit = verbs.add_parser(
+        "audit",
+        help="check and export the hub's hash-chained audit trail",
+        description="Read the hub's database (its settings: --config, EXCHANGE_*; safe while "
+        "the hub runs).",
+    )
+    audit_verbs = audit.add_subparsers(dest="audit_verb", metavar="TOOL", parser_class=_Parser)
+    verify = audit_verbs.add_parser(
+        "verify",
+        help="walk the chain; name the first record altered, deleted or out of order",
+        description="Exit 0 when the chain is intact, 1 when it is broken (the first broken "
+        "record is named).",
+    )
+    _add_config(verify)
+    verify.add_argument("--data-dir", type=Path, metavar="DIR", help="the hub's data directory")
+    verify.set_defaults(handler=_audit_verify)
+    export = audit_verbs.add_parser(
+        "export", help="write AuditEvents as NDJSON (one per line, chain order) for a SIEM"
+    )
+    export.add_argument(
+        "--since",
+        type=_instant,
+        metavar="WHEN",
+        help="only events recorded at or after this ISO 8601 date/time (UTC if no zone)",
+    )
+    export.add_argument(
+        "--out",
+        type=Path,
+        metavar="FILE",
+        help="write here, atomically ('-' or omitted: standard output)",
+    )
+    _add_config(export)
+    export.add_argument("--data-dir", type=Path, metavar="DIR", help="the hub's data directory")
+    export.set_defaults(handler=_audit_export)
+    audit.set_defaults(handler=lambda _a: _missing(audit, "TOOL"))
 
     policy = verbs.add_parser(
         "policy",

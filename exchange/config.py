@@ -49,6 +49,14 @@ class TenantSettings(BaseModel):
     name: str = ""
     #: Same SOP Instance UID, different bytes: refuse (default) or replace the stored one.
     on_conflict: Literal["reject", "replace"] = "reject"
+    #: Identifier system of this group's Patient IDs (MRNs); default urn:exchange:<org>:mrn.
+    mrn_system: str | None = None
+    #: Identifier system of its accession numbers; default urn:exchange:<org>:accession.
+    accession_system: str | None = None
+    #: Site-system client at the HIE's IdP for this group's organisation, when the node
+    #: hosts groups of several organisations (else the node's hub_client_id/secret).
+    hub_client_id: str | None = None
+    hub_client_secret: SecretStr | None = None
 
 
 class IssuerSettings(BaseModel):
@@ -117,6 +125,17 @@ class Settings(BaseSettings):
     consent_max_staleness_seconds: Annotated[float, Field(ge=0, le=86400)] = 300.0
     #: How long to wait for the consent registry.
     consent_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 5.0
+    #: Broker (``{hub}/dicomweb``): how long to wait for a site's node to accept a connection.
+    broker_connect_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 3.0
+    #: Broker: longest silence from a node (before its answer starts, or between two
+    #: chunks of it); beyond it the caller gets 504 (or the stream is cut).
+    broker_read_timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 30.0
+    #: Broker: most connections to nodes at once (one shared keep-alive pool).
+    broker_max_connections: Annotated[int, Field(ge=1, le=10_000)] = 100
+    #: Broker: idle keep-alive connections kept open to nodes.
+    broker_max_keepalive: Annotated[int, Field(ge=0, le=10_000)] = 20
+    #: Broker: node calls one cross-site QIDO-RS search makes at the same time.
+    broker_max_streams: Annotated[int, Field(ge=1, le=256)] = 8
 
     # -- node --------------------------------------------------------------
     node_id: Identifier = "node"
@@ -125,6 +144,18 @@ class Settings(BaseSettings):
     tenants: dict[Identifier, TenantSettings] = {}
     #: Base64 of 32 bytes protecting the tenant keys; else <data_dir>/keys/master.key (0600).
     master_key: SecretStr | None = None
+    #: The node publishes to the hub as a site system: OAuth2 client credentials at the
+    #: token endpoint (hub_token_url, else found by OIDC discovery of the first issuer)...
+    hub_client_id: str | None = None
+    hub_client_secret: SecretStr | None = None
+    hub_token_url: str | None = None
+    #: ... or a static bearer token (tests, operators). Publishing is on when hub_url and
+    #: a credential are set.
+    hub_token: SecretStr | None = None
+    #: How often the publishing worker looks for work it was not woken for (other processes).
+    outbox_poll_seconds: Annotated[float, Field(gt=0, le=3600)] = 1.0
+    #: Longest wait between retries while the hub is unreachable or failing.
+    outbox_retry_max_seconds: Annotated[float, Field(ge=0.5, le=3600)] = 30.0
 
     @classmethod
     def settings_customise_sources(
@@ -141,7 +172,7 @@ class Settings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
         return tuple(sources)
 
-    @field_validator("public_url", "hub_url", "opa_url", "consent_registry_url")
+    @field_validator("public_url", "hub_url", "opa_url", "consent_registry_url", "hub_token_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is None:
@@ -158,6 +189,15 @@ class Settings(BaseSettings):
             raise ValueError("consent_source = 'registry' needs consent_registry_url")
         if self.consent_max_staleness_seconds < self.consent_cache_seconds:
             raise ValueError("consent_max_staleness_seconds must be at least consent_cache_seconds")
+        for owner, client, secret in [
+            ("", self.hub_client_id, self.hub_client_secret),
+            *(
+                (f"tenants.{t}.", c.hub_client_id, c.hub_client_secret)
+                for t, c in self.tenants.items()
+            ),
+        ]:
+            if (client is None) != (secret is None):
+                raise ValueError(f"{owner}hub_client_id and {owner}hub_client_secret go together")
         if self.dev_idp and not self.dev_mode:
             raise ValueError(
                 "dev_idp needs dev_mode = true (the development IdP is not for production)"

@@ -87,7 +87,10 @@ def _raise_stop(_signum: int, _frame: FrameType | None) -> None:
 
 
 def _register_sites(hub: str, token: str, nodes: dict[str, dict[str, str]]) -> None:
-    """Record each site's Organization and DICOMweb Endpoint in the hub's index."""
+    """Record the HIE and each site's Organization in the hub's index (the operator's job).
+
+    Each node publishes its own DICOMweb Endpoint, managed by its organisation.
+    """
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/fhir+json"}
     with httpx.Client(base_url=f"{hub}/fhir", headers=headers, timeout=30) as fhir:
         fhir.put(
@@ -112,22 +115,38 @@ def _register_sites(hub: str, token: str, nodes: dict[str, dict[str, str]]) -> N
                     "partOf": {"reference": f"Organization/{HIE_ORGANIZATION}"},
                 },
             ).raise_for_status()
-            fhir.put(
-                f"/Endpoint/{node_id}",
-                json={
-                    "resourceType": "Endpoint",
-                    "id": node_id,
-                    "status": "active",
-                    "connectionType": {
-                        "system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type",
-                        "code": "dicom-wado-rs",
-                    },
-                    "managingOrganization": {"reference": f"Organization/{org}"},
-                    "payloadType": [{"text": "DICOM"}],
-                    "payloadMimeType": ["application/dicom"],
-                    "address": f"{node['url']}/dicomweb",
-                },
-            ).raise_for_status()
+
+
+def expected_studies(federation: LocalFederation) -> int:
+    """How many studies ``import_samples`` puts at the sites."""
+    from pydicom.data import get_testdata_file
+
+    sites = {spec.node_id for spec in federation.nodes}
+    generated = sum(1 for study in STUDIES if study[1] in sites)
+    bundled = sum(
+        1 for site in sites if get_testdata_file(BUNDLED[site], download=False) is not None
+    )
+    return generated + bundled
+
+
+def wait_until_indexed(hub: str, token: str, studies: int, timeout: float = 60.0) -> bool:
+    """Wait (bounded) until the nodes have published ``studies`` studies to the hub."""
+    headers = {"Authorization": f"Bearer {token}"}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            answer = httpx.get(
+                f"{hub}/fhir/ImagingStudy",
+                params={"_summary": "count"},
+                headers=headers,
+                timeout=10,
+            )
+            if answer.status_code == 200 and int(answer.json().get("total", 0)) >= studies:
+                return True
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.25)
+    return False
 
 
 def import_samples(federation: LocalFederation) -> dict[str, int]:
@@ -236,9 +255,16 @@ def run(state_file: Path, data_dir: Path | None = None) -> int:
     try:
         print(f"Starting the demo federation in {root} …", flush=True)
         federation.start()
-        imported = import_samples(federation)
         state = build_state(federation)
         _register_sites(state["hub"], state["tokens"]["operator"], state["nodes"])
+        imported = import_samples(federation)
+        operator = state["tokens"]["operator"]
+        if not wait_until_indexed(state["hub"], operator, expected_studies(federation)):
+            print(
+                "exchange: warning: the hub's index does not list every sample study yet; "
+                "the sites keep publishing in the background",
+                file=sys.stderr,
+            )
         write_atomic(state_file, json.dumps(state, indent=2).encode(), mode=0o600)
         print(_summary(state, state_file.resolve(), imported), flush=True)
         while True:

@@ -140,3 +140,7 @@ class Unavailable(ExchangeError):
 
     status = 503
     code = "transient"
+
+
+class AuditUnavailable(Unavailable):
+    """The audit trail cannot be written: no audit, no access."""

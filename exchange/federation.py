@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from exchange.security import grants
+from exchange.security import devidp, grants
 from exchange.security.grants import Action
 from exchange.security.keys import load_or_create
 
@@ -72,6 +72,9 @@ class LocalFederation:
     nodes: list[NodeSpec]
     hub_env: dict[str, str] = field(default_factory=dict)
     node_env: dict[str, str] = field(default_factory=dict)
+    #: Nodes publish their studies to the hub (a dev-IdP client each); off for tests that
+    #: want a hub index untouched by the nodes.
+    publishing: bool = True
     services: dict[str, Service] = field(default_factory=dict)
 
     # -- lifecycle -----------------------------------------------------------
@@ -99,6 +102,7 @@ class LocalFederation:
                         # Site systems authenticate with tokens from the hub's development IdP.
                         "EXCHANGE_ISSUERS": json.dumps([{"issuer": f"{hub.url}/idp"}]),
                         "EXCHANGE_DEV_MODE": "true",
+                        **self._publishing_env(spec),
                         **self.node_env,
                     },
                 )
@@ -209,6 +213,18 @@ class LocalFederation:
         )
 
     # -- internals -----------------------------------------------------------
+    def _publishing_env(self, spec: NodeSpec) -> dict[str, str]:
+        """The node's site-system client at the hub's development IdP (registered now)."""
+        if not self.publishing:
+            return {}
+        hub = self.hub
+        audience = self.hub_env.get("EXCHANGE_AUDIENCE", "exchange")
+        idp = devidp.DevIdentityProvider.open(hub.data_dir, f"{hub.url}/idp", audience)
+        return {
+            "EXCHANGE_HUB_CLIENT_ID": spec.node_id,
+            "EXCHANGE_HUB_CLIENT_SECRET": idp.register_client(spec.node_id, spec.organization),
+        }
+
     def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> Service:
         port = free_port()
         data_dir = self.root / name

@@ -48,6 +48,8 @@ def configure(level: str = "info", fmt: str = "json", service: str = "exchange")
     root.setLevel(level.upper())
     # uvicorn's access log prints full URLs (query strings carry PHI): we log requests ourselves.
     logging.getLogger("uvicorn.access").disabled = True
+    # httpx logs every request's full URL at INFO: search parameters (MRNs, UIDs) would leak.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True

@@ -223,8 +223,9 @@ class PatientIndex:
         return seen
 
     def expand(self, query: SearchQuery) -> SearchQuery:
-        """Patient criteria of an ImagingStudy/Consent search widened to linked records."""
-        if query.resource_type not in ("ImagingStudy", "Consent"):
+        """Patient criteria of an ImagingStudy, Consent or AuditEvent search widened to linked
+        records."""
+        if query.resource_type not in ("ImagingStudy", "Consent", "AuditEvent"):
             return query
         criteria = []
         for criterion in query.criteria:

@@ -164,6 +164,8 @@ STR = _table(StringIndex)
 DATE = _table(DateIndex)
 REF = _table(RefIndex)
 TABLES = [RES, HIST, TOK, STR, DATE, REF]
+#: Built once: parameters passed at execution keep the compiled-statement cache hot.
+_INSERT_RES = insert(RES).returning(RES.c.pk)
 
 
 # -- values handed out ---------------------------------------------------------
@@ -339,6 +341,18 @@ class SqlRepository:
 
     # -- writes ----------------------------------------------------------------
     @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """A write transaction for callers that keep their own rows beside a resource
+        (the audit hash chain): committed on leaving, rolled back on an exception."""
+        with self._engine.begin() as conn:
+            yield conn
+
+    def insert_new(self, conn: Connection, resource_type: str, body: dict[str, Any]) -> Stored:
+        """Create ``body`` as a new resource (fresh uuid4 id, version 1) in ``conn``'s
+        transaction; no hooks, no conditions."""
+        return self._apply(conn, resource_type, str(uuid.uuid4()), body, None, "POST")
+
+    @contextmanager
     def _transaction(self, what: str) -> Iterator[Connection]:
         try:
             with self._engine.begin() as conn:
@@ -482,7 +496,7 @@ class SqlRepository:
         }
         if current is None:
             pk = conn.execute(
-                insert(RES).values(rtype=resource_type, id=rid, **values).returning(RES.c.pk)
+                _INSERT_RES, {"rtype": resource_type, "id": rid, **values}
             ).scalar_one()
         else:
             pk = current.pk
@@ -497,15 +511,16 @@ class SqlRepository:
             for table in (TOK, STR, DATE, REF):
                 conn.execute(delete(table).where(table.c.res_pk == pk))
         conn.execute(
-            insert(HIST).values(
-                rtype=resource_type,
-                id=rid,
-                version=version,
-                updated_ms=now_ms,
-                method=method,
-                deleted=body is None,
-                body=text if body is not None else "",
-            )
+            insert(HIST),
+            {
+                "rtype": resource_type,
+                "id": rid,
+                "version": version,
+                "updated_ms": now_ms,
+                "method": method,
+                "deleted": body is None,
+                "body": text if body is not None else "",
+            },
         )
         self._insert_index(conn, pk, resource_type, entries)
         return Stored(resource_type, rid, version, when, stamped, facts, pk)

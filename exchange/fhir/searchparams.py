@@ -55,6 +55,12 @@ _COMMON = (
     SearchParam(
         "_lastUpdated", "date", column="updated", documentation="When the resource last changed"
     ),
+    SearchParam(
+        "_security",
+        "token",
+        ("meta.security",),
+        documentation="Security labels (confidentiality, sensitivity) on the resource",
+    ),
 )
 
 _AGENT_TYPES = ("Practitioner", "PractitionerRole", "Organization", "Device", "Patient")
@@ -220,7 +226,15 @@ REVINCLUDES: dict[str, tuple[str, ...]] = {
 #: What an access decision may need about a resource (parameters whose values are kept
 #: with the current version, so deciding visibility never needs the whole body).
 ACCESS_FACTS: dict[str, tuple[str, ...]] = {
-    "ImagingStudy": ("patient", "subject", "subject:identifier", "identifier", "endpoint"),
+    "ImagingStudy": (
+        "patient",
+        "subject",
+        "subject:identifier",
+        "identifier",
+        "endpoint",
+        "started",
+        "_security",
+    ),
     "Patient": ("identifier", "link"),
     "Consent": ("patient", "actor", "organization"),
     "Organization": ("identifier",),
@@ -524,9 +538,12 @@ def _index_value(entries: IndexEntries, spec: SearchParam, value: Any, base: str
 
 def access_facts(resource_type: str, entries: IndexEntries) -> dict[str, list[str]]:
     """The values an access decision may look at: references as ``Type/id``, tokens as
-    ``system|code``."""
+    ``system|code``, dates as the UTC day they start (``YYYY-MM-DD``)."""
     wanted = ACCESS_FACTS.get(resource_type, ())
     facts: dict[str, set[str]] = {}
+    for name, start, _end in entries.dates:
+        if name in wanted and MIN_MS < start < MAX_MS:
+            facts.setdefault(name, set()).add(from_ms(start).date().isoformat())
     for name, type_, rid in entries.refs:
         if name in wanted:
             facts.setdefault(name, set()).add(f"{type_}/{rid}")

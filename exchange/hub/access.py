@@ -1,23 +1,51 @@
-"""Which stored resources a caller may see: the one hook every read and search passes.
+"""Which stored resources a caller may see: the one hook every read, search and retrieval passes.
 
-Searches call ``filter_visible`` on *candidates* (type, id and the facts a
-policy needs: an ImagingStudy's subject, identifiers and endpoints, a
-Consent's patient, …) before anything is counted, paged or included, so a
-hidden resource cannot show through ``total``, ``_include``, paging links or
+Searches call ``filter_visible`` on *candidates* (type, id and the facts kept with
+each resource: an ImagingStudy's subject, identifiers, endpoints, date and
+security labels) before anything is counted, paged or included, so a hidden
+resource cannot show through ``total``, ``_include``, paging links or
 ``_summary=count``. Direct reads, version reads and history call
-``require_visible``, which refuses with a 403 instead.
+``require_visible``, which refuses with a 403 and the policy's plain reason.
 
-Until the policy engine decides per resource (a later issue), every
-authenticated caller sees what the type-level check already let through.
+Studies and audit records are decided per resource by the access policy
+(``policies/exchange/access``), a page at a time in one engine call
+(``decide_batch``); the policy is given the study's patient under every id the
+master patient index links, the holding organisation (the managing organisation
+of the study's DICOMweb Endpoint) and the patient's Consents. Directory
+resources (Organization, Endpoint) and index administration types (Patient,
+Consent) are decided by type alone, before this hook. Anything that cannot be
+decided (policy engine down, consent registry unreachable) is refused.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
-from typing import Protocol, TypeVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from exchange.errors import Forbidden
+from exchange.errors import ExchangeError, Forbidden, Gone, NotFound
+from exchange.policy.decisions import (
+    Action,
+    Decision,
+    DecisionInput,
+    ResourceFacts,
+    Subject,
+    decide_batch,
+)
 from exchange.security.tokens import Principal
+
+if TYPE_CHECKING:
+    from exchange.hub.services import HubServices
+
+log = logging.getLogger(__name__)
+
+#: The header carrying the reason stated for break-the-glass access (purpose ETREAT).
+BREAK_GLASS_HEADER = "X-Break-Glass-Reason"
+DICOM_UID_SYSTEM = "urn:dicom:uid"
+NODE_IDENTIFIER_SYSTEM = "urn:exchange:node"
+#: Resource types decided per resource by the access policy.
+DECIDED = frozenset({"ImagingStudy", "AuditEvent"})
 
 
 class Visible(Protocol):
@@ -36,14 +64,235 @@ class Visible(Protocol):
 T = TypeVar("T", bound=Visible)
 
 
-def filter_visible(principal: Principal, items: Sequence[T]) -> list[T]:
-    """The items ``principal`` may see, in their original order (a batch: one decision
-    round for a whole page of candidates)."""
-    del principal  # every authenticated caller, until the policy decides per resource
-    return list(items)
+def subject_of(principal: Principal, reason: str | None = None) -> Subject:
+    """The policy's view of the caller; ``reason`` is a stated break-the-glass reason."""
+    claimed = principal.claims.get("break_glass_reason")
+    stated = reason if reason and reason.strip() else claimed
+    return Subject(
+        id=principal.sub,
+        role=principal.role,
+        organization=principal.organization,
+        purpose_of_use=principal.purpose_of_use,
+        patient=principal.patient,
+        reason=str(stated).strip() if stated else None,
+    )
 
 
-def require_visible(principal: Principal, item: Visible) -> None:
-    """403 unless ``principal`` may see ``item``."""
-    if not filter_visible(principal, [item]):
-        raise Forbidden(f"you may not see this {item.resource_type}")
+def _ids(values: Sequence[str], kind: str) -> list[str]:
+    prefix = f"{kind}/"
+    return [v.removeprefix(prefix) for v in values if v.startswith(prefix)]
+
+
+def code_of(values: Sequence[str], system: str) -> str | None:
+    for value in values:
+        found_system, _, code = value.partition("|")
+        if found_system == system and code:
+            return code
+    return None
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Where a study is held: the site's Endpoint as the index knows it."""
+
+    endpoint: str
+    organization: str | None
+    node: str
+    address: str | None
+
+
+def holder_of(body: Mapping[str, Any], endpoint_id: str) -> Holder:
+    """A DICOMweb Endpoint as a holder: its managing organisation, node id and address."""
+    org = str((body.get("managingOrganization") or {}).get("reference", ""))
+    node = endpoint_id
+    for identifier in body.get("identifier") or []:
+        if isinstance(identifier, Mapping) and identifier.get("system") == NODE_IDENTIFIER_SYSTEM:
+            node = str(identifier.get("value") or endpoint_id)
+    address = body.get("address")
+    return Holder(
+        endpoint=endpoint_id,
+        organization=org.removeprefix("Organization/") if org.startswith("Organization/") else None,
+        node=node,
+        address=str(address) if isinstance(address, str) else None,
+    )
+
+
+@dataclass
+class _Lookups:
+    """Per-call caches: one Endpoint read per site, one MPI walk per patient."""
+
+    services: HubServices
+    holders: dict[str, Holder | None] = field(default_factory=dict)
+    linked: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def holder(self, endpoint_id: str) -> Holder | None:
+        if endpoint_id not in self.holders:
+            try:
+                body = self.services.resources.read("Endpoint", endpoint_id).body
+                self.holders[endpoint_id] = holder_of(body, endpoint_id)
+            except (NotFound, Gone):
+                self.holders[endpoint_id] = None
+        return self.holders[endpoint_id]
+
+    def patients(self, direct: Sequence[str]) -> tuple[str, ...]:
+        everyone: list[str] = []
+        for rid in direct:
+            if rid not in self.linked:
+                self.linked[rid] = tuple(self.services.patients.linked([rid]))
+            everyone += [p for p in self.linked[rid] if p not in everyone]
+        return tuple(everyone)
+
+
+def _study_facts(lookups: _Lookups, item: Visible) -> ResourceFacts:
+    facts = item.facts
+    holders = [lookups.holder(e) for e in _ids(facts.get("endpoint", ()), "Endpoint")]
+    custodians = {h.organization for h in holders if h is not None and h.organization}
+    return ResourceFacts(
+        study=item.id,
+        # A study held by no known site, or claimed by two, has no custodian to grant it.
+        custodian=custodians.pop() if len(custodians) == 1 else None,
+        patients=lookups.patients(_ids(facts.get("patient", ()), "Patient")),
+        uid=code_of(facts.get("identifier", ()), DICOM_UID_SYSTEM),
+        security_labels=tuple(v.partition("|")[2] for v in facts.get("_security", ())),
+        date=next(iter(facts.get("started", ())), None),
+    )
+
+
+def _audit_facts(lookups: _Lookups, item: Visible) -> ResourceFacts:
+    facts = item.facts
+    studies = _ids(facts.get("entity", ()), "ImagingStudy")
+    return ResourceFacts(
+        type="AuditEvent",
+        study=studies[0] if studies else "",
+        custodian=None,
+        patients=lookups.patients(_ids(facts.get("patient", ()), "Patient")),
+    )
+
+
+def resource_facts(lookups: _Lookups, item: Visible) -> ResourceFacts:
+    if item.resource_type == "AuditEvent":
+        return _audit_facts(lookups, item)
+    return _study_facts(lookups, item)
+
+
+def _consents(services: HubServices, facts: Sequence[ResourceFacts]) -> list[dict[str, Any]]:
+    patients = list(dict.fromkeys(p for f in facts for p in f.patients))
+    return services.consents.consents_for(patients) if patients else []
+
+
+def _about(consent: Mapping[str, Any]) -> str:
+    reference = str((consent.get("patient") or {}).get("reference", ""))
+    return reference.rsplit("/", 1)[-1]
+
+
+def decide(
+    services: HubServices,
+    principal: Principal,
+    action: Action,
+    items: Sequence[Visible],
+    reason: str | None = None,
+) -> list[Decision]:
+    """One decision per item, in one engine call. Never raises: failure is a refusal."""
+    if not items:
+        return []
+    subject = subject_of(principal, reason)
+    lookups = _Lookups(services)
+    try:
+        facts = [resource_facts(lookups, item) for item in items]
+        consents = _consents(services, facts)
+    except ExchangeError as exc:
+        refusal = f"access cannot be decided now ({exc.message}), so it is refused"
+        return [Decision(False, (refusal,)) for _ in items]
+    by_patient: dict[str, list[Mapping[str, Any]]] = {}
+    for consent in consents:
+        by_patient.setdefault(_about(consent), []).append(consent)
+    questions = []
+    for fact in facts:
+        mine = [c for p in fact.patients for c in by_patient.get(p, ())]
+        unique = list({id(c): c for c in mine}.values())
+        # An audit record is read under the audit rule whatever the interaction.
+        asked: Action = "read-audit" if fact.type == "AuditEvent" else action
+        questions.append(DecisionInput(subject, asked, fact, tuple(unique)))
+    return decide_batch(services.policy, questions)
+
+
+def filter_visible(
+    services: HubServices,
+    principal: Principal,
+    items: Sequence[T],
+    action: Action = "search",
+    reason: str | None = None,
+) -> list[T]:
+    """The items ``principal`` may see, in their original order (one decision round for a
+    whole page of candidates). Types not decided per resource pass through."""
+    decided = [item for item in items if item.resource_type in DECIDED]
+    if not decided:
+        return list(items)
+    verdicts = decide(services, principal, action, decided, reason)
+    refused = {id(item) for item, d in zip(decided, verdicts, strict=True) if not d.allow}
+    return [item for item in items if id(item) not in refused]
+
+
+def require_visible(
+    services: HubServices,
+    principal: Principal,
+    item: Visible,
+    action: Action = "read",
+    reason: str | None = None,
+) -> Decision | None:
+    """403 with the policy's reason unless ``principal`` may see ``item``; the decision
+    (None for types decided by type alone)."""
+    if item.resource_type not in DECIDED:
+        return None
+    decision = decide(services, principal, action, [item], reason)[0]
+    if not decision.allow:
+        raise Forbidden(decision.reason())
+    return decision
+
+
+def decide_study(
+    services: HubServices,
+    principal: Principal,
+    action: Action,
+    study: Visible,
+    reason: str | None = None,
+) -> Decision:
+    """The decision for one indexed ImagingStudy (the broker's question)."""
+    return decide(services, principal, action, [study], reason)[0]
+
+
+def decide_studies(
+    services: HubServices,
+    principal: Principal,
+    action: Action,
+    studies: Sequence[Visible],
+    reason: str | None = None,
+) -> list[Decision]:
+    return decide(services, principal, action, studies, reason)
+
+
+def study_patients(services: HubServices, study: Visible) -> tuple[str, ...]:
+    """Every Patient id the study's patient is known by (for the audit)."""
+    return _Lookups(services).patients(_ids(study.facts.get("patient", ()), "Patient"))
+
+
+def holder(services: HubServices, study: Visible) -> Holder | None:
+    """The site holding ``study`` (its first DICOMweb Endpoint the index knows)."""
+    lookups = _Lookups(services)
+    for endpoint in _ids(study.facts.get("endpoint", ()), "Endpoint"):
+        found = lookups.holder(endpoint)
+        if found is not None:
+            return found
+    return None
+
+
+def broker_view(body: dict[str, Any], broker: str) -> dict[str, Any]:
+    """An Endpoint as callers see it: a DICOMweb address is the hub's broker, never a node."""
+    if body.get("resourceType") != "Endpoint" or "address" not in body:
+        return body
+    codes = {
+        str(c.get("code")) for c in [(body.get("connectionType") or {})] if isinstance(c, Mapping)
+    }
+    if not codes & {"dicom-wado-rs", "dicom-qido-rs", "dicom-stow-rs"}:
+        return body
+    return {**body, "address": broker}

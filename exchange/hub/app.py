@@ -10,8 +10,11 @@ from fastapi import FastAPI
 from exchange import __version__
 from exchange.config import Settings
 from exchange.hub import services
-from exchange.hub.routes import fhir, idp, mpi, wellknown
+from exchange.hub.broker import PREFIX as BROKER_PREFIX
+from exchange.hub.broker import Broker
+from exchange.hub.routes import dicomweb, fhir, idp, mpi, wellknown
 from exchange.web.app import finish
+from exchange.web.errors import FHIR_PREFIX
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -20,15 +23,22 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.services = built
+        # One keep-alive client to the nodes for the whole process, closed at shutdown.
+        app.state.broker = Broker.open(built)
         try:
             yield
         finally:
+            broker, app.state.broker = app.state.broker, None
+            await broker.aclose()
             built.close()
 
     app = FastAPI(title="Exchange hub", version=__version__, lifespan=lifespan)
     app.state.services = built
+    # The broker's refusals are FHIR OperationOutcomes too (DESIGN.md §2, "Retrieve").
+    app.state.outcome_prefixes = (FHIR_PREFIX, BROKER_PREFIX)
     app.include_router(idp.router)  # before fhir: /fhir/.well-known/… is not a resource type
     app.include_router(fhir.router)
     app.include_router(wellknown.router)
     app.include_router(mpi.router)
+    app.include_router(dicomweb.router)
     return finish(app, lambda _path: settings.max_body_bytes, built.checks)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
+from exchange.audit.events import What
+from exchange.errors import ExchangeError, NotAuthenticated
+from exchange.hub import auditing
 from exchange.hub.services import HubServices
-from exchange.policy.decisions import Subject
 from exchange.security.tokens import Principal, bearer_token
 
 
@@ -18,22 +21,38 @@ def _services(request: Request) -> HubServices:
 
 Services = Annotated[HubServices, Depends(_services)]
 
+log = logging.getLogger(__name__)
+
 
 def _principal(
-    services: Services, authorization: Annotated[str | None, Header()] = None
+    services: Services, request: Request, authorization: Annotated[str | None, Header()] = None
 ) -> Principal:
     # A plain function: FastAPI runs it in a worker thread, so a JWKS fetch never blocks the loop.
-    return services.tokens.validate(bearer_token(authorization))
+    try:
+        return services.tokens.validate(bearer_token(authorization))
+    except NotAuthenticated as refused:
+        if authorization is not None:  # a token was offered and refused: a failed login
+            _audit_login_failure(services, request, refused.message)
+        raise
+
+
+def _audit_login_failure(services: HubServices, request: Request, reason: str) -> None:
+    """Recorded if at all possible; the caller gets its 401 either way (nothing is released)."""
+    address = request.client.host if request.client else None
+    what = What(query=None, resource=request.url.path)
+    try:
+        auditing.record(
+            services,
+            action="login-failure",
+            principal=None,
+            address=address,
+            what=what,
+            decision=None,
+            allowed=False,
+            reason=reason,
+        )
+    except ExchangeError:
+        log.warning("a failed login could not be audited")
 
 
 CurrentPrincipal = Annotated[Principal, Depends(_principal)]
-
-
-def subject_of(principal: Principal) -> Subject:
-    return Subject(
-        id=principal.sub,
-        role=principal.role,
-        organization=principal.organization,
-        purpose_of_use=principal.purpose_of_use,
-        patient=principal.patient,
-    )

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 from sqlalchemy import Engine
 
+from exchange.audit.log import AuditLog
 from exchange.config import Settings
 from exchange.database import make_engine, ping
 from exchange.fhir.mpi import PatientIndex
@@ -40,6 +42,8 @@ class HubServices:
     idp: devidp.DevIdentityProvider | None
     #: Patients' Consents: the hub's index or the HIE's consent registry.
     consents: ConsentSource
+    #: The hash-chained audit trail (AuditEvents in the index, signed checkpoints).
+    audit: AuditLog
 
     def checks(self) -> list[Check]:
         async def database() -> None:
@@ -54,16 +58,29 @@ class HubServices:
         async def consents() -> None:
             await anyio.to_thread.run_sync(self.consents.check)
 
+        async def audit() -> None:
+            await anyio.to_thread.run_sync(self.audit.check)
+
         return [
             Check("database", database),
             Check("keys", signing_keys),
             Check("policy", policy_engine),
             Check("consents", consents),
+            Check("audit", audit),
         ]
 
     def close(self) -> None:
+        try:  # sign the head at shutdown, so the newest records are vouched for too
+            self.audit.checkpoint()
+        except Exception as exc:  # shutting down regardless; verify reports what is unsigned
+            log.warning("audit checkpoint at shutdown failed", extra={"error": type(exc).__name__})
         self.consents.close()
         self.engine.dispose()
+
+
+def grant_key_path(settings: Settings) -> Path:
+    """The hub's grant-signing key (it signs audit checkpoints too)."""
+    return settings.data_path(SERVICE) / "keys" / "grant-signing.pem"
 
 
 def idp_issuer(settings: Settings) -> str:
@@ -100,6 +117,7 @@ def build(settings: Settings) -> HubServices:
         log.warning(devidp.WARNING)
         idp = devidp.DevIdentityProvider.open(data_dir, idp_issuer(settings), settings.audience)
         resolvers[idp.issuer] = static_resolver(idp.key.private.public_key())
+    grant_key = keys.load_or_create(grant_key_path(settings))
     return HubServices(
         settings=settings,
         engine=engine,
@@ -111,8 +129,9 @@ def build(settings: Settings) -> HubServices:
             settings.opa_url,
             timeout=settings.opa_timeout_seconds,
         ),
-        grant_key=keys.load_or_create(data_dir / "keys" / "grant-signing.pem"),
+        grant_key=grant_key,
         tokens=JwtValidator(resolvers, settings.audience),
         idp=idp,
         consents=_consent_source(settings, repository),
+        audit=AuditLog(engine, repository, grant_key, issuer=settings.base_url()),
     )

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from exchange import __version__
 from exchange.config import Settings
 from exchange.node import services
-from exchange.node.routes import qido, stow, wado
+from exchange.node.routes import delete, outbox, qido, stow, wado
 from exchange.web.app import finish
 
 DICOMWEB_STOW = "/dicomweb/studies"
@@ -22,6 +22,8 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         built.store.discard_incomplete()
+        if built.publisher is not None:
+            built.publisher.start()  # the outbox absorbs a hub outage: readiness ignores it
         try:
             yield
         finally:
@@ -32,6 +34,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(stow.router)
     app.include_router(qido.router)
     app.include_router(wado.router)
+    app.include_router(delete.router)
+    app.include_router(outbox.router)
 
     def limit_for(path: str) -> int:
         # STOW-RS streams instances to disk, so it may be far larger than a JSON body.

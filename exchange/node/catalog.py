@@ -94,6 +94,39 @@ class InstanceRow(SQLModel, table=True):
     attributes: bytes
 
 
+class OutboxRow(SQLModel, table=True):
+    """A study waiting to be published to (or retracted from) the hub: one row per study.
+
+    Written in the transaction that changes the study's instances, so the index
+    and the intent to publish can never disagree; new changes coalesce into the
+    waiting row and bump ``revision``. Nothing identifying in clear: the study is
+    its blind index, and its UID (needed to retract it once its instances are
+    gone) is sealed like the catalog's attributes.
+    """
+
+    __tablename__ = "outbox"
+    __table_args__ = (UniqueConstraint("tenant", "study_key"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    tenant: str = Field(max_length=64)
+    study_key: str = Field(max_length=64)
+    #: "publish" or "retract": what the hub must end up with.
+    action: str = Field(max_length=16)
+    #: Bumped by every change; a delivery completes only the revision it sent.
+    revision: int = 1
+    #: "pending" (the worker retries it) or "failed" (the hub refused it; reconcile retries).
+    state: str = Field(default="pending", index=True, max_length=16)
+    attempts: int = 0
+    #: Not before (epoch seconds): debounce after a change, backoff after a failure.
+    due_at: float = Field(index=True)
+    #: A worker is sending it until then (epoch seconds); others leave it alone.
+    claimed_until: float | None = None
+    sealed_uid: bytes
+    last_error: str | None = Field(default=None, max_length=2000)
+    created_at: datetime
+    updated_at: datetime
+
+
 @dataclass(frozen=True)
 class TenantSeal:
     """Blind indexes and sealed attributes for one tenant."""

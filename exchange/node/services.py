@@ -10,6 +10,8 @@ from sqlalchemy import Engine
 from exchange.config import Settings
 from exchange.database import make_engine, ping
 from exchange.node.credentials import Credentials
+from exchange.node.outbox import Outbox
+from exchange.node.publisher import HubClient, Publisher, publishing_configured
 from exchange.node.storage import data_dir, open_keys, open_store, service_name
 from exchange.node.store import InstanceStore
 from exchange.security.grants import GrantVerifier
@@ -29,6 +31,10 @@ class NodeServices:
     credentials: Credentials
     #: None when no hub is configured: grant-gated routes then refuse everything.
     grants: GrantVerifier | None
+    outbox: Outbox
+    #: None unless a hub and a site credential are configured; started by the app's lifespan.
+    publisher: Publisher | None = None
+    hub: HubClient | None = None
 
     def checks(self) -> list[Check]:
         async def database() -> None:
@@ -42,6 +48,10 @@ class NodeServices:
         return [Check("database", database), Check("keys", tenant_keys)]
 
     def close(self) -> None:
+        if self.publisher is not None:
+            self.publisher.stop()
+        if self.hub is not None:
+            self.hub.close()
         self.engine.dispose()
 
 
@@ -60,11 +70,21 @@ def build(settings: Settings) -> NodeServices:
         grants = GrantVerifier(
             settings.hub_url, settings.node_id, jwks_resolver(f"{settings.hub_url}{JWKS_PATH}")
         )
+    store = open_store(settings, directory, engine, keys)
+    box = Outbox(engine)
+    hub = publisher = None
+    if publishing_configured(settings):
+        hub = HubClient(settings)
+        publisher = Publisher(settings, store, box, hub)
+        store.on_outbox = publisher.wake
     return NodeServices(
         settings=settings,
         engine=engine,
         keys=keys,
-        store=open_store(settings, directory, engine, keys),
+        store=store,
         credentials=Credentials(engine, settings, tokens),
         grants=grants,
+        outbox=box,
+        publisher=publisher,
+        hub=hub,
     )

@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -47,6 +47,7 @@ from exchange.dicom.part10 import (
     InvalidInstance,
     read_header,
 )
+from exchange.node import outbox
 from exchange.node.catalog import InstanceRow, TenantSeal, dicom_json
 from exchange.security import envelope
 from exchange.security.keystore import KeyStore
@@ -123,8 +124,10 @@ class InstanceStore:
         self._max = max_instance_bytes
         self._pool: ThreadPoolExecutor | None = None
         self._known_dirs: set[Path] = set()
+        #: Called after a commit that put work in the outbox (wakes the publishing worker).
+        self.on_outbox: Callable[[], None] | None = None
         blob_dir.mkdir(parents=True, exist_ok=True)
-        SQLModel.metadata.create_all(engine, tables=[_TABLE])
+        SQLModel.metadata.create_all(engine, tables=[_TABLE, outbox.TABLE])
 
     def discard_incomplete(self, older_than_seconds: float = 3600) -> int:
         """Remove blobs a crash left half-written (never referenced by the index).
@@ -142,6 +145,40 @@ class InstanceStore:
 
     def seal(self, tenant: str) -> TenantSeal:
         return TenantSeal.of(self._keys, tenant)
+
+    def _outbox_changed(self) -> None:
+        if self.on_outbox is not None:
+            self.on_outbox()
+
+    # -- deletion ------------------------------------------------------------
+    def delete_study(self, tenant: str, study_uid: str) -> int:
+        """Remove a study's instances and have the hub forget it; how many were removed.
+
+        The rows go in one transaction with the outbox's ``retract`` row, so the
+        study disappears from the index and from the hub's view together; the
+        encrypted blobs are unlinked after the commit (a crash in between leaves
+        unreferenced ciphertext, never a row without its data).
+        """
+        seal = self.seal(tenant)
+        key = seal.blind("study", study_uid)
+        table = _TABLE
+        with self._engine.begin() as connection:
+            _durable_commits(connection)
+            blobs = list(
+                connection.execute(
+                    sa_delete(table)
+                    .where(table.c.tenant == tenant, table.c.study_key == key)
+                    .returning(table.c.blob)
+                ).scalars()
+            )
+            if blobs:
+                sealed = outbox.seal_uid(seal, key, study_uid)
+                outbox.stage(connection, tenant, {key: sealed}, outbox.RETRACT, delay=0.0)
+        for blob in blobs:
+            (self._blob_dir / blob).unlink(missing_ok=True)
+        if blobs:
+            self._outbox_changed()
+        return len(blobs)
 
     # -- intake ------------------------------------------------------------
     def store(
@@ -648,11 +685,24 @@ class StoreBatch:
                 if replaced:
                     connection.execute(sa_delete(_TABLE).where(_TABLE.c.id.in_(replaced)))
                 connection.execute(sa_insert(_TABLE), [p.row for p in writing if p.row])
+                # Same transaction: a study is never indexed without its publication pending.
+                outbox.stage(connection, self._tenant, self._to_publish(writing), outbox.PUBLISH)
         except IntegrityError:
             # Another request stored one of these concurrently: settle them one by one.
             self._insert_one_by_one(writing)
             return
+        self._store._outbox_changed()
         self._retire_replaced(writing)
+
+    def _to_publish(self, items: list[_Pending]) -> dict[str, bytes]:
+        """Study key -> sealed UID of the studies ``items`` change (one entry per study)."""
+        studies: dict[str, bytes] = {}
+        for item in items:
+            assert item.row is not None
+            key = item.row["study_key"]
+            if key not in studies:
+                studies[key] = outbox.seal_uid(self._seal, key, item.result.study_uid)
+        return studies
 
     def _insert_one_by_one(self, writing: list[_Pending]) -> None:
         engine, tenant = self._store._engine, self._tenant
@@ -664,6 +714,7 @@ class StoreBatch:
                     if item.replaces is not None:
                         connection.execute(sa_delete(_TABLE).where(_TABLE.c.id == item.replaces.id))
                     connection.execute(sa_insert(_TABLE), [item.row])
+                    outbox.stage(connection, tenant, self._to_publish([item]), outbox.PUBLISH)
             except IntegrityError:
                 self._remove_blob(item)
                 winner = self._store._lookup(tenant, item.sop_key)
@@ -680,6 +731,7 @@ class StoreBatch:
             except Exception as exc:  # this instance fails, not the others
                 self._remove_blob(item)
                 item.error = exc
+        self._store._outbox_changed()
         self._retire_replaced([p for p in writing if p.error is None])
 
     def _retire_replaced(self, stored: list[_Pending]) -> None:

@@ -2,8 +2,10 @@
 
 FHIR routes (``/fhir``) answer an R4 ``OperationOutcome`` as
 ``application/fhir+json``; everything else (DICOMweb, health, admin) answers a
-JSON error body. Nothing ever leaks a traceback: an unexpected exception is
-logged with its type and answered as a plain 500.
+JSON error body. An app may name more path prefixes that answer OperationOutcomes
+in ``app.state.outcome_prefixes`` (the hub's broker ``/dicomweb`` does, DESIGN.md
+§2). Nothing ever leaks a traceback: an unexpected exception is logged with its
+type and answered as a plain 500.
 """
 
 from __future__ import annotations
@@ -63,10 +65,11 @@ def error_response(
     code: str | None = None,
     headers: dict[str, str] | None = None,
     issues: list[Issue] | None = None,
+    outcome_prefixes: tuple[str, ...] = (FHIR_PREFIX,),
 ) -> Response:
     """The error body a client of ``path`` expects."""
     code = code or _STATUS_CODES.get(status, "exception")
-    if path == FHIR_PREFIX or path.startswith(FHIR_PREFIX + "/"):
+    if any(path == prefix or path.startswith(prefix + "/") for prefix in outcome_prefixes):
         body = operation_outcome(message, code, issues=issues)
         media_type = FHIR_JSON
     else:
@@ -88,6 +91,11 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
     return 400, f"invalid request: {where}: {first.get('msg', 'invalid value')}"
 
 
+def _outcome_prefixes(request: Request) -> tuple[str, ...]:
+    prefixes: tuple[str, ...] = getattr(request.app.state, "outcome_prefixes", (FHIR_PREFIX,))
+    return prefixes
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ExchangeError)
     async def _exchange_error(request: Request, exc: ExchangeError) -> Response:
@@ -102,6 +110,7 @@ def install(app: FastAPI) -> None:
             code=exc.code,
             headers=exc.headers,
             issues=exc.issues,
+            outcome_prefixes=_outcome_prefixes(request),
         )
 
     @app.exception_handler(StarletteHTTPException)
@@ -111,17 +120,27 @@ def install(app: FastAPI) -> None:
             405: f"method {request.method} is not allowed here",
         }.get(exc.status_code, str(exc.detail))
         return error_response(
-            request.url.path, exc.status_code, message, headers=dict(exc.headers or {})
+            request.url.path,
+            exc.status_code,
+            message,
+            headers=dict(exc.headers or {}),
+            outcome_prefixes=_outcome_prefixes(request),
         )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
         status, message = _validation_message(exc)
-        return error_response(request.url.path, status, message)
+        return error_response(
+            request.url.path, status, message, outcome_prefixes=_outcome_prefixes(request)
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         log.error("unexpected error", extra={"error": type(exc).__name__, "path": request.url.path})
         return error_response(
-            request.url.path, 500, "internal error; it has been logged", code="exception"
+            request.url.path,
+            500,
+            "internal error; it has been logged",
+            code="exception",
+            outcome_prefixes=_outcome_prefixes(request),
         )

@@ -64,6 +64,8 @@ def _tokens(url: str, data_dir: Path) -> dict[str, str]:
         "operator": idp.issue(sub="op", role="operator", org="hie"),
         "site": idp.issue(sub="site-a-publisher", role="system", org="org-a"),
         "clinician": idp.issue(sub="dr", role="clinician", org="org-a"),
+        # another organisation's clinician who states no purpose of use
+        "outsider": idp.issue(sub="dr-z", role="clinician", org="org-z"),
     }
 
 
@@ -399,17 +401,27 @@ def test_audit_events_cannot_be_changed_by_clients(hub):
     assert _bundle(hub.get("AuditEvent", _summary="count"))["total"] >= 0
 
 
-def test_a_clinician_search_for_studies_is_refused_and_shows_nothing(hub, subject):
+def test_clinicians_find_only_the_studies_the_policy_lets_them_see(hub, subject):
     pat, ep = subject
-    hub.post(study(new_uid(), pat["id"], ep["id"]), who="site")
-    refused = hub.get("ImagingStudy", who="clinician", patient=pat["id"])
+    created = hub.post(study(new_uid(), pat["id"], ep["id"]), who="site")
+    # the holding organisation's own clinician finds it ...
+    own = _bundle(hub.get("ImagingStudy", who="clinician", _id=created["id"]))
+    assert own["total"] == 1
+    # ... another organisation's clinician without a purpose of use sees no trace of it
+    hidden = _bundle(hub.get("ImagingStudy", who="outsider", _id=created["id"]))
+    assert hidden["total"] == 0
+    assert "entry" not in hidden
+    counted = _bundle(hub.get("ImagingStudy", who="outsider", _id=created["id"], _summary="count"))
+    assert counted["total"] == 0
+    refused = hub.get(f"ImagingStudy/{created['id']}", who="outsider")
     assert refused.status_code == 403
     assert refused.json()["resourceType"] == "OperationOutcome"
-    assert "entry" not in refused.json()
-    assert "total" not in refused.json()
-    # the directory is theirs to search, and never includes what they may not read
-    orgs = hub.get("Endpoint", who="clinician", _id=ep["id"])
-    assert _bundle(orgs)["total"] == 1
+    assert "purpose of use" in refused.text
+    # the directory is theirs to search; a DICOMweb address is the hub's broker
+    endpoints = _bundle(hub.get("Endpoint", who="clinician", _id=ep["id"]))
+    assert endpoints["total"] == 1
+    assert endpoints["entry"][0]["resource"]["address"].endswith("/dicomweb")
+    assert endpoints["entry"][0]["resource"]["address"].startswith(hub.url)
 
 
 def _invalid_studies(patient_id: str, endpoint_id: str) -> list[tuple[str, dict, str]]:

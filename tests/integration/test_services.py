@@ -41,7 +41,7 @@ def test_health_and_readiness_of_every_service(federation):
         assert ready.status_code == 200, ready.text
         assert set(ready.json()["checks"].values()) == {"ok"}
     hub_checks = httpx.get(f"{federation.hub.url}/readyz").json()["checks"]
-    assert set(hub_checks) == {"database", "keys", "policy", "consents"}
+    assert set(hub_checks) == {"database", "keys", "policy", "consents", "audit"}
 
 
 def test_unknown_routes_answer_structured_404(federation):

@@ -446,7 +446,7 @@ def test_scenario(engine: PolicyEngine, row: Row):
     assert decision.allow is row.allow, decision.reasons
     assert any(row.reason in reason for reason in decision.reasons), decision.reasons
     assert tuple(o["code"] for o in decision.obligations) == row.obligations
-    assert decision.policy_version.startswith("0.2.0+")
+    assert decision.policy_version.startswith("0.3.0+")
     assert len(decision.input_digest) == 64
 
 
@@ -465,4 +465,4 @@ def test_both_engines_report_the_same_policy_version(embedded: EmbeddedEngine, s
     question = ROWS[0].question()
     here = decide(embedded, question)
     there = decide(ServerEngine(stub.url), question)
-    assert here.policy_version == there.policy_version == f"0.2.0+{embedded.version}"
+    assert here.policy_version == there.policy_version == f"0.3.0+{embedded.version}"

@@ -51,7 +51,6 @@ INVALID = {
         ("AuditEvent.action", "code-invalid"),
         ("AuditEvent.outcome", "code-invalid"),
         ("AuditEvent.agent", "invariant"),
-        ("AuditEvent.entity[1].what", "required"),
     },
 }
 

@@ -170,6 +170,7 @@ def test_imaging_study_index():
         "endpoint": ["Endpoint/e1"],
         "identifier": ["urn:dicom:uid|urn:oid:1.2.3"],
         "patient": ["Patient/p1"],
+        "started": ["2026-03-10"],  # the study's day, for consents' data periods
         "subject": ["Patient/p1"],
     }
 

@@ -8,6 +8,7 @@ event loop.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -21,12 +22,14 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import Response
 
 from exchange import __version__
+from exchange.audit.events import AuditAction, Interaction, What
 from exchange.errors import BadRequest, Forbidden, MethodNotAllowed, NotFound, UnsupportedMediaType
 from exchange.fhir import bundle, resources, search
 from exchange.fhir.capability import capability_statement
 from exchange.fhir.repository import History, Stored, Written
-from exchange.hub import access, publishing
-from exchange.hub.deps import CurrentPrincipal, Services, subject_of
+from exchange.hub import access, auditing, publishing
+from exchange.hub.access import subject_of
+from exchange.hub.deps import CurrentPrincipal, Services
 from exchange.hub.services import HubServices
 from exchange.policy import decisions
 from exchange.security.scopes import permits, require
@@ -111,20 +114,84 @@ def _may_include(principal: Principal, services: HubServices, resource_type: str
     return decision.allow
 
 
-async def _authorize(
-    services: HubServices, principal: Principal, resource_type: str, letter: str
+def _audit_action(resource_type: str, letter: str) -> AuditAction:
+    if letter in ("s", "r"):
+        return "search" if letter == "s" else "read"
+    if resource_type == "Consent":
+        return "consent-change"
+    return "retract" if letter == "d" else "publish"
+
+
+def _address(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+def _break_glass_reason(request: Request) -> str | None:
+    return request.headers.get(auditing.BREAK_GLASS_HEADER)
+
+
+async def _audit(
+    services: HubServices,
+    request: Request,
+    principal: Principal,
+    action: AuditAction,
+    what: What,
+    *,
+    allowed: bool,
+    decision: decisions.Decision | None = None,
+    reason: str | None = None,
+    interaction: Interaction | None = None,
 ) -> None:
-    """Scopes first (what the token allows), then the HIE's policy (what the person may do)."""
-    require(principal.scopes, resource_type, letter)
-    decision = await anyio.to_thread.run_sync(
-        decisions.fhir_interaction,
-        services.policy,
-        subject_of(principal),
-        _POLICY_INTERACTIONS[letter],
-        resource_type,
+    """Durable before the answer goes out; ``Unavailable`` (503) when it cannot be."""
+    await anyio.to_thread.run_sync(
+        lambda: auditing.record(
+            services,
+            action=action,
+            principal=principal,
+            address=_address(request),
+            what=what,
+            decision=decision,
+            allowed=allowed,
+            reason=reason,
+            break_glass_reason=_break_glass_reason(request),
+            interaction=interaction,
+        )
     )
-    if not decision.allow:
-        raise Forbidden(decision.reason())
+
+
+async def _authorize(
+    services: HubServices,
+    principal: Principal,
+    resource_type: str,
+    letter: str,
+    request: Request,
+    what: What | None = None,
+) -> None:
+    """Scopes first (what the token allows), then the HIE's policy (what the person may do).
+    A refusal is audited before it is answered."""
+    try:
+        require(principal.scopes, resource_type, letter)
+        decision = await anyio.to_thread.run_sync(
+            decisions.fhir_interaction,
+            services.policy,
+            subject_of(principal),
+            _POLICY_INTERACTIONS[letter],
+            resource_type,
+        )
+        if not decision.allow:
+            raise Forbidden(decision.reason())
+    except Forbidden as refused:
+        shown = what or What(query=str(request.url.query) or None, resource=resource_type)
+        await _audit(
+            services,
+            request,
+            principal,
+            _audit_action(resource_type, letter),
+            shown,
+            allowed=False,
+            reason=refused.message,
+        )
+        raise
 
 
 async def _resource_body(request: Request, resource_type: str) -> dict[str, Any]:
@@ -213,26 +280,109 @@ async def _search(
     services: HubServices,
     principal: Principal,
 ) -> Response:
-    await _authorize(services, principal, resource_type, "s")
+    query_text = "&".join(f"{k}={v}" for k, v in items) or None
+    await _authorize(services, principal, resource_type, "s", request)
     base = _fhir_base(services)
     lenient = _prefer(request).get("handling") == "lenient"
     query = search.parse(resource_type, items, lenient=lenient, local_base=base)
     query = await anyio.to_thread.run_sync(services.patients.expand, query)
+    reason = _break_glass_reason(request)
 
     @cache
     def may_read_type(included_type: str) -> bool:
         return _may_include(principal, services, included_type)
 
-    visible: Callable[[Sequence[Any]], list[Any]] = partial(access.filter_visible, principal)
+    visible: Callable[[Sequence[Any]], list[Any]] = partial(
+        access.filter_visible, services, principal, action="search", reason=reason
+    )
     result = await anyio.to_thread.run_sync(
         lambda: search.execute(
             services.resources, query, visible=visible, may_read_type=may_read_type
         )
     )
+    result = dataclasses.replace(
+        result,
+        matches=_presented(services, principal, result.matches),
+        included=_presented(services, principal, result.included),
+    )
+    shown = [*result.matches, *result.included]
+    what = What(patients=auditing.patients_of(shown), query=query_text, resource=resource_type)
+    await _audit(services, request, principal, "search", what, allowed=True)
     return _fhir(
         bundle.searchset(result, base),
         headers={"Server-Timing": f"search;dur={result.elapsed_ms:.2f}"},
     )
+
+
+def _presented(services: HubServices, principal: Principal, found: list[Stored]) -> list[Stored]:
+    """Resources as callers see them: DICOMweb Endpoints point at the hub's broker. HIE
+    operators, who register the sites, see the sites' own addresses."""
+    if principal.role == "operator":
+        return found
+    broker = f"{services.settings.base_url()}/dicomweb"
+    return [
+        dataclasses.replace(s, body=access.broker_view(s.body, broker))
+        if s.resource_type == "Endpoint"
+        else s
+        for s in found
+    ]
+
+
+def _what(stored: Stored | access.Visible, services: HubServices | None = None) -> What:
+    if stored.resource_type == "ImagingStudy":
+        return auditing.study_what(stored, services=services)
+    return What(
+        patients=auditing.patients_of([stored]),
+        resource=f"{stored.resource_type}/{stored.id}",
+    )
+
+
+async def _read_checked(
+    services: HubServices,
+    request: Request,
+    principal: Principal,
+    load: Callable[[], Any],
+    current: Callable[[Any], Stored | access.Visible],
+) -> Any:
+    """Load, decide and audit one direct read (read, vread, history): 403 with the
+    policy's reason, audited, when the caller may not have it."""
+    reason = _break_glass_reason(request)
+
+    def checked() -> tuple[Any, What, decisions.Decision | None, str | None]:
+        found = load()
+        item = current(found)
+        what = _what(item, services)
+        try:
+            decision = access.require_visible(services, principal, item, "read", reason)
+        except Forbidden as refused:
+            return found, what, None, refused.message
+        return found, what, decision, None
+
+    found, what, decision, refusal = await anyio.to_thread.run_sync(checked)
+    action: AuditAction = "read"
+    if refusal is not None:
+        await _audit(services, request, principal, action, what, allowed=False, reason=refusal)
+        raise Forbidden(refusal)
+    await _audit(services, request, principal, action, what, allowed=True, decision=decision)
+    return found
+
+
+async def _audit_write(
+    services: HubServices,
+    request: Request,
+    principal: Principal,
+    letter: str,
+    written: Written,
+) -> None:
+    stored = written.stored
+    if written.outcome in ("unchanged", "existing", "gone"):
+        return  # nothing changed: the interaction left no trace to account for
+    what = _what(stored)
+    action = _audit_action(stored.resource_type, letter)
+    did: Interaction = (
+        "delete" if letter == "d" else "create" if written.outcome == "created" else "update"
+    )
+    await _audit(services, request, principal, action, what, allowed=True, interaction=did)
 
 
 @router.post("/{resource_type}")
@@ -245,7 +395,7 @@ async def create(
 ) -> Response:
     """Create; conditional when ``If-None-Exist`` (or, as some clients send it, the query
     string) carries search conditions."""
-    await _authorize(services, principal, resource_type, "c")
+    await _authorize(services, principal, resource_type, "c", request)
     base = _fhir_base(services)
     body = await _resource_body(request, resource_type)
     body.pop("id", None)
@@ -259,10 +409,12 @@ async def create(
             resource_type, body, conditions if conditions.criteria else None, hook
         )
         if written.outcome == "existing":
-            access.require_visible(principal, written.stored)
+            access.require_visible(services, principal, written.stored)
         return _after_write(services, written)
 
-    return _written_response(await anyio.to_thread.run_sync(write), request, base)
+    written = await anyio.to_thread.run_sync(write)
+    await _audit_write(services, request, principal, "c", written)
+    return _written_response(written, request, base)
 
 
 @router.put("/{resource_type}")
@@ -271,7 +423,7 @@ async def conditional_update(
 ) -> Response:
     """``PUT Type?conditions``: create if nothing matches, update the one match, 412 if
     several match. Publishing the same content again creates no new version."""
-    await _authorize(services, principal, resource_type, "u")
+    await _authorize(services, principal, resource_type, "u", request)
     base = _fhir_base(services)
     conditions = _conditions(resource_type, list(request.query_params.multi_items()), base)
     if not conditions.criteria:
@@ -283,26 +435,30 @@ async def conditional_update(
         written = services.resources.conditional_update(resource_type, conditions, body, hook)
         return _after_write(services, written)
 
-    return _written_response(await anyio.to_thread.run_sync(write), request, base)
+    written = await anyio.to_thread.run_sync(write)
+    await _audit_write(services, request, principal, "u", written)
+    return _written_response(written, request, base)
 
 
 @router.get("/{resource_type}/{rid}")
 async def read(
     resource_type: ServedType,
     rid: str,
+    request: Request,
     services: Services,
     principal: CurrentPrincipal,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     _check_id(resource_type, rid)
-    await _authorize(services, principal, resource_type, "r")
-
-    def load() -> Stored:
-        stored = services.resources.read(resource_type, rid)
-        access.require_visible(principal, stored)
-        return stored
-
-    stored = await anyio.to_thread.run_sync(load)
+    await _authorize(services, principal, resource_type, "r", request)
+    stored: Stored = await _read_checked(
+        services,
+        request,
+        principal,
+        lambda: services.resources.read(resource_type, rid),
+        lambda found: found,
+    )
+    stored = _presented(services, principal, [stored])[0]
     headers = _version_headers(stored, _fhir_base(services))
     if if_none_match is not None and if_none_match.strip().removeprefix("W/").strip('"') == str(
         stored.version
@@ -321,7 +477,7 @@ async def update(
     if_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     _check_id(resource_type, rid)
-    await _authorize(services, principal, resource_type, "u")
+    await _authorize(services, principal, resource_type, "u", request)
     body = await _resource_body(request, resource_type)
     if body.get("id") not in (None, rid):
         raise BadRequest(f"the body's id {body.get('id')!r} does not match the URL ({rid})")
@@ -331,24 +487,28 @@ async def update(
         written = services.resources.update(resource_type, rid, body, if_match, hook)
         return _after_write(services, written)
 
-    return _written_response(await anyio.to_thread.run_sync(write), request, _fhir_base(services))
+    written = await anyio.to_thread.run_sync(write)
+    await _audit_write(services, request, principal, "u", written)
+    return _written_response(written, request, _fhir_base(services))
 
 
 @router.delete("/{resource_type}/{rid}")
 async def delete(
     resource_type: WritableType,
     rid: str,
+    request: Request,
     services: Services,
     principal: CurrentPrincipal,
     if_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     """Delete: a new, deleted version (history keeps the old ones); reads then answer 410."""
     _check_id(resource_type, rid)
-    await _authorize(services, principal, resource_type, "d")
+    await _authorize(services, principal, resource_type, "d", request)
     hook = publishing.write_hook(services.resources, principal, resource_type)
     written = await anyio.to_thread.run_sync(
         services.resources.delete, resource_type, rid, if_match, hook
     )
+    await _audit_write(services, request, principal, "d", written)
     stored = written.stored
     if written.outcome == "gone":
         message = f"{resource_type}/{rid} was already deleted"
@@ -370,7 +530,7 @@ async def history(
     principal: CurrentPrincipal,
 ) -> Response:
     _check_id(resource_type, rid)
-    await _authorize(services, principal, resource_type, "r")
+    await _authorize(services, principal, resource_type, "r", request)
     count, offset = search.DEFAULT_COUNT, 0
     for key, value in request.query_params.multi_items():
         try:
@@ -383,12 +543,20 @@ async def history(
         except ValueError:
             raise BadRequest(f"{key} must be a whole number") from None
 
-    def load() -> History:
-        found = services.resources.history(resource_type, rid, offset, count)
-        access.require_visible(principal, found.current)
-        return found
-
-    found = await anyio.to_thread.run_sync(load)
+    found: History = await _read_checked(
+        services,
+        request,
+        principal,
+        lambda: services.resources.history(resource_type, rid, offset, count),
+        lambda loaded: loaded.current,
+    )
+    if principal.role != "operator" and resource_type == "Endpoint":
+        broker = f"{services.settings.base_url()}/dicomweb"
+        versions = [
+            dataclasses.replace(v, body=access.broker_view(v.body, broker) if v.body else None)
+            for v in found.versions
+        ]
+        found = dataclasses.replace(found, versions=versions)
     return _fhir(bundle.history(found, _fhir_base(services), offset, count))
 
 
@@ -397,16 +565,18 @@ async def vread(
     resource_type: ServedType,
     rid: str,
     version: int,
+    request: Request,
     services: Services,
     principal: CurrentPrincipal,
 ) -> Response:
     _check_id(resource_type, rid)
-    await _authorize(services, principal, resource_type, "r")
-
-    def load() -> Stored:
-        stored = services.resources.vread(resource_type, rid, version)
-        access.require_visible(principal, stored)
-        return stored
-
-    stored = await anyio.to_thread.run_sync(load)
+    await _authorize(services, principal, resource_type, "r", request)
+    stored: Stored = await _read_checked(
+        services,
+        request,
+        principal,
+        lambda: services.resources.vread(resource_type, rid, version),
+        lambda found: found,
+    )
+    stored = _presented(services, principal, [stored])[0]
     return _fhir(stored.body, 200, _version_headers(stored, _fhir_base(services)))

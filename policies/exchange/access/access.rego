@@ -69,6 +69,11 @@ default audit_reader_roles := ["operator"]
 
 audit_reader_roles := data.exchange.settings.audit_reader_roles
 
+# HIE operators run the index: they may find and read studies' index entries (never images).
+default index_reader_roles := ["operator"]
+
+index_reader_roles := data.exchange.settings.index_reader_roles
+
 default break_glass_purposes := ["ETREAT", "BTG"]
 
 break_glass_purposes := data.exchange.settings.break_glass.purposes
@@ -105,6 +110,8 @@ known_actions := {"search", "read", "view", "export", "share", "write-consent", 
 viewing_actions := {"search", "read", "view"}
 
 study_actions := {"search", "read", "view", "export"}
+
+index_actions := {"search", "read"}
 
 # How a refusal names each action.
 doing := {
@@ -181,6 +188,9 @@ study_grant := "custodian" if {
 	shared_access
 } else := "emergency" if {
 	emergency_access
+} else := "operator" if {
+	role in index_reader_roles
+	input.action in index_actions
 }
 
 # The holding organisation's own staff may always see (and download) its own studies.
@@ -289,6 +299,7 @@ grounds := {
 	"consent": "the patient's consent permits this",
 	"default": "the exchange shares images for treatment unless the patient has opted out",
 	"emergency": "emergency (break-the-glass) access: it is audited as such and the holding site is notified",
+	"operator": "HIE operators may find studies in the index, but not see their images",
 	"custodian-share": "the organisation that holds a study may share it with another provider",
 	"patient-share": "patients may share their own studies",
 	"patient-consent": "patients may record their own consent",

@@ -107,7 +107,7 @@ test_opt_out_hie_shares_for_treatment if {
 	d.allow
 	d.reasons == ["the exchange shares images for treatment unless the patient has opted out"]
 	d.obligations == []
-	startswith(d.policy_version, "0.2.0+")
+	startswith(d.policy_version, "0.3.0+")
 }
 
 test_opt_in_hie_needs_consent if {
@@ -315,6 +315,19 @@ test_settings_come_from_data if {
 test_settings_have_safe_defaults if {
 	data.exchange.access.mode == "opt-in" with data.exchange.settings as {}
 	data.exchange.access.break_glass_actions == ["search", "read", "view"] with data.exchange.settings as {}
-	data.exchange.access.policy_version == "0.2.0+1f2e3d" with data.exchange.bundle as {"revision": "1f2e3d"}
-	data.exchange.access.policy_version == "0.2.0+abc" with data.exchange.bundle as {"version": "0.2.0+abc"}
+	data.exchange.access.policy_version == "0.3.0+1f2e3d" with data.exchange.bundle as {"revision": "1f2e3d"}
+	data.exchange.access.policy_version == "0.3.0+abc" with data.exchange.bundle as {"version": "0.3.0+abc"}
+}
+
+test_operators_may_find_and_read_index_entries if {
+	some action in ["search", "read"]
+	d := decide(request({"id": "op", "role": "operator", "organization": "hie"}, action, []))
+	d.allow
+	d.reasons == ["HIE operators may find studies in the index, but not see their images"]
+}
+
+test_operators_may_not_view_or_export_images_held_elsewhere if {
+	some action in ["view", "export"]
+	d := decide(request({"id": "op", "role": "operator", "organization": "hie"}, action, []))
+	not d.allow
 }

@@ -2,9 +2,10 @@
 #
 # Input: input.subject {id, role, organization, scopes[]}, input.interaction
 # ("read" | "create" | "update"), input.resource_type.
-# Patient data (ImagingStudy, Patient, Consent, AuditEvent) reaches clinicians
-# and patients only through consent-checked paths; until those exist they are
-# refused here, never shown unchecked.
+# This is the type-level gate only. ImagingStudy and AuditEvent resources that pass it
+# are then decided one by one by data.exchange.access (consent, custodian, own patient),
+# so a clinician or patient may search them here and still sees only what that policy
+# allows. Patient and Consent records stay with operators and sites (administration).
 package exchange.fhir
 
 import rego.v1
@@ -15,10 +16,19 @@ directory_types := {"Organization", "Endpoint"}
 
 patient_data_types := {"ImagingStudy", "Patient", "Consent", "AuditEvent"}
 
+consent_checked_types := {"ImagingStudy", "AuditEvent"}
+
 # Anyone the HIE authenticated may read the directory of sites.
 allow if {
 	input.interaction == "read"
 	input.resource_type in directory_types
+}
+
+# Studies and audit records are read through the per-resource access decision.
+allow if {
+	input.interaction == "read"
+	input.resource_type in consent_checked_types
+	input.subject.role in {"clinician", "patient", "system"}
 }
 
 # HIE operators administer the index.

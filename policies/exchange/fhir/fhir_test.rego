@@ -15,7 +15,18 @@ test_clinician_cannot_write_the_directory if {
 }
 
 test_clinician_gets_no_unchecked_patient_data if {
-	not fhir.allow with input as {"subject": clinician, "interaction": "read", "resource_type": "ImagingStudy"}
+	not fhir.allow with input as {"subject": clinician, "interaction": "read", "resource_type": "Patient"}
+	not fhir.allow with input as {"subject": clinician, "interaction": "read", "resource_type": "Consent"}
+}
+
+test_clinician_searches_studies_through_the_access_decision if {
+	fhir.allow with input as {"subject": clinician, "interaction": "read", "resource_type": "ImagingStudy"}
+	not fhir.allow with input as {"subject": clinician, "interaction": "update", "resource_type": "ImagingStudy"}
+}
+
+test_patient_reads_disclosures_through_the_access_decision if {
+	fhir.allow with input as {"subject": {"role": "patient"}, "interaction": "read", "resource_type": "AuditEvent"}
+	not fhir.allow with input as {"subject": {"role": "patient"}, "interaction": "create", "resource_type": "AuditEvent"}
 }
 
 test_refusal_of_patient_data_says_why if {
@@ -36,5 +47,6 @@ test_site_system_cannot_write_consents if {
 }
 
 test_patient_role_denied_by_default if {
-	not fhir.allow with input as {"subject": {"role": "patient"}, "interaction": "read", "resource_type": "ImagingStudy"}
+	not fhir.allow with input as {"subject": {"role": "patient"}, "interaction": "read", "resource_type": "Patient"}
+	not fhir.allow with input as {"subject": {"role": "patient"}, "interaction": "update", "resource_type": "ImagingStudy"}
 }
