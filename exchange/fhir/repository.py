@@ -38,6 +38,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
+    bindparam,
     delete,
     false,
     func,
@@ -164,6 +165,22 @@ STR = _table(StringIndex)
 DATE = _table(DateIndex)
 REF = _table(RefIndex)
 TABLES = [RES, HIST, TOK, STR, DATE, REF]
+
+_REFERENCING = (
+    select(RES.c.body)
+    .where(
+        RES.c.pk.in_(
+            select(REF.c.res_pk).where(
+                REF.c.rtype == bindparam("rtype"),
+                REF.c.param == bindparam("param"),
+                REF.c.target_type == bindparam("target_type"),
+                REF.c.target_id.in_(bindparam("ids", expanding=True)),
+            )
+        ),
+        RES.c.deleted == false(),
+    )
+    .order_by(RES.c.pk)
+)
 #: Built once: parameters passed at execution keep the compiled-statement cache hot.
 _INSERT_RES = insert(RES).returning(RES.c.pk)
 
@@ -282,6 +299,10 @@ class Repository(Protocol):
     def include_candidates(
         self, matches: Sequence[Stored], includes: Sequence[Include], limit: int
     ) -> list[Candidate]: ...
+
+    def referencing(
+        self, resource_type: str, param: str, target_type: str, target_ids: Sequence[str]
+    ) -> list[dict[str, Any]]: ...
 
 
 def _hooked(
@@ -626,6 +647,26 @@ class SqlRepository:
         ]
         ref = Candidate(current.pk, resource_type, rid, json.loads(current.facts))
         return History(ref, current.version, versions)
+
+    def referencing(
+        self, resource_type: str, param: str, target_type: str, target_ids: Sequence[str]
+    ) -> list[dict[str, Any]]:
+        """Current bodies of ``resource_type`` whose reference ``param`` points at any of
+        ``target_ids``: the decision point's one question per request (a patient's
+        Consents), as one cached statement instead of the general search pipeline."""
+        if not target_ids:
+            return []
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                _REFERENCING,
+                {
+                    "rtype": resource_type,
+                    "param": param,
+                    "target_type": target_type,
+                    "ids": list(dict.fromkeys(target_ids)),
+                },
+            )
+            return [json.loads(body) for (body,) in rows]
 
     def load(self, pks: Sequence[int]) -> dict[int, Stored]:
         if not pks:

@@ -20,9 +20,11 @@ decided (policy engine down, consent registry unreachable) is refused.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from exchange.errors import ExchangeError, Forbidden, Gone, NotFound
 from exchange.policy.decisions import (
@@ -117,29 +119,75 @@ def holder_of(body: Mapping[str, Any], endpoint_id: str) -> Holder:
     )
 
 
+class FactsCache:
+    """Sites' Endpoints and the MPI's patient links, kept a few seconds across requests.
+
+    Both change rarely and are read on every decision; a write through this hub clears
+    the cache at once, and ``ttl`` bounds how long another hub process's change can go
+    unseen. Consents are never cached here: a patient's new refusal counts at once.
+    """
+
+    def __init__(self, ttl: float = 10.0, size: int = 10_000) -> None:
+        self._ttl = ttl
+        self._size = size
+        self._lock = threading.Lock()
+        self._holders: dict[str, tuple[float, Holder | None]] = {}
+        self._linked: dict[str, tuple[float, tuple[str, ...]]] = {}
+
+    def clear(self) -> None:
+        with self._lock:
+            self._holders.clear()
+            self._linked.clear()
+
+    def _get(self, table: dict[str, tuple[float, Any]], key: str) -> tuple[bool, Any]:
+        found = table.get(key)
+        if found is None or found[0] < time.monotonic():
+            return False, None
+        return True, found[1]
+
+    def _put(self, table: dict[str, tuple[float, Any]], key: str, value: Any) -> None:
+        with self._lock:
+            if len(table) >= self._size:
+                table.clear()  # crude but bounded; refilled from the index on demand
+            table[key] = (time.monotonic() + self._ttl, value)
+
+    def holder(self, services: HubServices, endpoint_id: str) -> Holder | None:
+        hit, value = self._get(self._holders, endpoint_id)
+        if hit:
+            return cast(Holder | None, value)
+        try:
+            found: Holder | None = holder_of(
+                services.resources.read("Endpoint", endpoint_id).body, endpoint_id
+            )
+        except (NotFound, Gone):
+            found = None
+        self._put(self._holders, endpoint_id, found)
+        return found
+
+    def linked(self, services: HubServices, patient_id: str) -> tuple[str, ...]:
+        hit, value = self._get(self._linked, patient_id)
+        if hit:
+            return cast(tuple[str, ...], value)
+        found = tuple(services.patients.linked([patient_id]))
+        self._put(self._linked, patient_id, found)
+        return found
+
+
 @dataclass
 class _Lookups:
-    """Per-call caches: one Endpoint read per site, one MPI walk per patient."""
+    """One decision round's view of sites and patient links (through the shared cache)."""
 
     services: HubServices
-    holders: dict[str, Holder | None] = field(default_factory=dict)
-    linked: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def holder(self, endpoint_id: str) -> Holder | None:
-        if endpoint_id not in self.holders:
-            try:
-                body = self.services.resources.read("Endpoint", endpoint_id).body
-                self.holders[endpoint_id] = holder_of(body, endpoint_id)
-            except (NotFound, Gone):
-                self.holders[endpoint_id] = None
-        return self.holders[endpoint_id]
+        return self.services.facts.holder(self.services, endpoint_id)
 
     def patients(self, direct: Sequence[str]) -> tuple[str, ...]:
         everyone: list[str] = []
         for rid in direct:
-            if rid not in self.linked:
-                self.linked[rid] = tuple(self.services.patients.linked([rid]))
-            everyone += [p for p in self.linked[rid] if p not in everyone]
+            everyone += [
+                p for p in self.services.facts.linked(self.services, rid) if p not in everyone
+            ]
         return tuple(everyone)
 
 

@@ -22,7 +22,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.services = built
+        app.state.services = built.start()
         # One keep-alive client to the nodes for the whole process, closed at shutdown.
         app.state.broker = Broker.open(built)
         try:

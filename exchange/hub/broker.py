@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -504,17 +505,25 @@ class Broker:
     # -- within a study ---------------------------------------------------------------------
     async def study(self, principal: Principal, request: StudyRequest) -> Response:
         """Answer one WADO-RS or in-study QIDO-RS request from the node holding the study."""
+        started = time.perf_counter()
         call = await anyio.to_thread.run_sync(self._authorize, principal, request)
+        decided = time.perf_counter()
         url = call.url + request.path + (f"?{request.query}" if request.query else "")
         headers = {"Authorization": f"Bearer {call.grant}", "Accept-Encoding": "identity"}
         if request.accept:
             headers["Accept"] = request.accept
         upstream = await self._send(url, headers, call.site)
+        answered = time.perf_counter()
+        timing = (
+            f"authorize;dur={(decided - started) * 1000:.2f}, "
+            f"site;dur={(answered - decided) * 1000:.2f}"
+        )
         try:
             rewriter = None
             if call.rewrite and _media_type(upstream.headers.get("content-type")) in _JSON_TYPES:
                 rewriter = Rewriter(*call.rewrite)
             passed = passed_headers(upstream.headers, rewritten=rewriter is not None)
+            passed["Server-Timing"] = timing
             chunks = gathered(upstream)
             # The first chunk is in hand before the status line goes out: a node that
             # breaks off before it is a clean 502, and a small answer (most: metadata,

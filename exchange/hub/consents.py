@@ -41,9 +41,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from exchange.errors import Gone, NotFound, Unavailable
-from exchange.fhir import searchparams as sp
 from exchange.fhir.repository import Repository
-from exchange.fhir.search import Criterion, SearchQuery
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +91,7 @@ class IndexConsentSource:
 
     def consents_for(self, patient_ids: Sequence[str]) -> list[dict[str, Any]]:
         ids = list(dict.fromkeys(p for p in patient_ids if _is_id(p)))
-        if not ids:
-            return []
-        spec = sp.param("Consent", "patient")
-        assert spec is not None
-        values = tuple(sp.RefValue("Patient", rid) for rid in ids)
-        query = SearchQuery("Consent", criteria=[Criterion(spec, None, values)])
-        found: list[dict[str, Any]] = []
-        for batch in self._repository.candidate_batches(query, 500):
-            loaded = self._repository.load([c.pk for c in batch])
-            found += [loaded[c.pk].body for c in batch if c.pk in loaded]
-        return found
+        return self._repository.referencing("Consent", "patient", "Patient", ids)
 
     def check(self) -> None:
         """Always ready: the index is the database, which has its own check."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
+import anyio
 from fastapi import Depends, Header, Request
 
 from exchange.audit.events import What
@@ -14,7 +15,8 @@ from exchange.hub.services import HubServices
 from exchange.security.tokens import Principal, bearer_token
 
 
-def _services(request: Request) -> HubServices:
+async def _services(request: Request) -> HubServices:
+    # async: a trivial lookup must not cost a worker-thread round trip per request
     services: HubServices = request.app.state.services
     return services
 
@@ -24,16 +26,26 @@ Services = Annotated[HubServices, Depends(_services)]
 log = logging.getLogger(__name__)
 
 
-def _principal(
+async def _principal(
     services: Services, request: Request, authorization: Annotated[str | None, Header()] = None
 ) -> Principal:
-    # A plain function: FastAPI runs it in a worker thread, so a JWKS fetch never blocks the loop.
+    """The validated caller. A token seen before is answered from the cache until it
+    expires; a new one is validated in a worker thread (a JWKS fetch never blocks the loop)."""
+    if authorization is not None:
+        known = services.principals.get(authorization)
+        if known is not None:
+            return known
     try:
-        return services.tokens.validate(bearer_token(authorization))
+        principal = await anyio.to_thread.run_sync(
+            services.tokens.validate, bearer_token(authorization)
+        )
     except NotAuthenticated as refused:
         if authorization is not None:  # a token was offered and refused: a failed login
-            _audit_login_failure(services, request, refused.message)
+            await anyio.to_thread.run_sync(_audit_login_failure, services, request, refused.message)
         raise
+    assert authorization is not None  # bearer_token refused a missing header
+    services.principals.put(authorization, principal)
+    return principal
 
 
 def _audit_login_failure(services: HubServices, request: Request, reason: str) -> None:

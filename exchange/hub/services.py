@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
@@ -11,9 +12,10 @@ from sqlalchemy import Engine
 
 from exchange.audit.log import AuditLog
 from exchange.config import Settings
-from exchange.database import make_engine, ping
+from exchange.database import WalCheckpointer, make_engine, ping
 from exchange.fhir.mpi import PatientIndex
 from exchange.fhir.repository import Repository, SqlRepository
+from exchange.hub.access import FactsCache
 from exchange.hub.consents import (
     ConsentSource,
     IndexConsentSource,
@@ -22,12 +24,20 @@ from exchange.hub.consents import (
 )
 from exchange.policy.engine import PolicyEngine, open_engine
 from exchange.security import devidp, keys
-from exchange.security.tokens import JwtValidator, KeyResolver, issuer_resolver, static_resolver
+from exchange.security.tokens import (
+    JwtValidator,
+    KeyResolver,
+    PrincipalCache,
+    issuer_resolver,
+    static_resolver,
+)
 from exchange.web.health import Check
 
 log = logging.getLogger(__name__)
 
 SERVICE = "hub"
+#: How often the audit chain's head is signed while records are being added.
+AUDIT_CHECKPOINT_SECONDS = 60.0
 
 
 @dataclass
@@ -44,6 +54,12 @@ class HubServices:
     consents: ConsentSource
     #: The hash-chained audit trail (AuditEvents in the index, signed checkpoints).
     audit: AuditLog
+    #: Sites' Endpoints and patient links as decisions see them (seconds-long cache).
+    facts: FactsCache = field(default_factory=FactsCache)
+    #: Tokens already validated, until they expire.
+    principals: PrincipalCache = field(default_factory=PrincipalCache)
+    #: Background upkeep: SQLite WAL checkpoints, periodic signed audit checkpoints.
+    upkeep: Upkeep | None = None
 
     def checks(self) -> list[Check]:
         async def database() -> None:
@@ -69,13 +85,51 @@ class HubServices:
             Check("audit", audit),
         ]
 
+    def start(self) -> HubServices:
+        if self.upkeep is None:
+            self.upkeep = Upkeep(self.engine, self.audit).start()
+        return self
+
     def close(self) -> None:
+        if self.upkeep is not None:
+            self.upkeep.stop()
+            self.upkeep = None
         try:  # sign the head at shutdown, so the newest records are vouched for too
             self.audit.checkpoint()
         except Exception as exc:  # shutting down regardless; verify reports what is unsigned
             log.warning("audit checkpoint at shutdown failed", extra={"error": type(exc).__name__})
         self.consents.close()
         self.engine.dispose()
+
+
+class Upkeep:
+    """The hub's background work, off every request's path: the SQLite WAL is
+    checkpointed every second, and the audit chain's head is signed every
+    ``AUDIT_CHECKPOINT_SECONDS`` when records were added (besides every
+    ``checkpoint_every`` records and at shutdown)."""
+
+    def __init__(self, engine: Engine, audit: AuditLog) -> None:
+        self._wal = WalCheckpointer(engine)
+        self._audit = audit
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hub-upkeep", daemon=True)
+
+    def start(self) -> Upkeep:
+        self._wal.start()
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(AUDIT_CHECKPOINT_SECONDS):
+            try:
+                self._audit.checkpoint()
+            except Exception as exc:  # the next round tries again; verify shows what is unsigned
+                log.warning("periodic audit checkpoint failed", extra={"error": type(exc).__name__})
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._wal.stop()
 
 
 def grant_key_path(settings: Settings) -> Path:
@@ -105,7 +159,7 @@ def _consent_source(settings: Settings, repository: Repository) -> ConsentSource
 def build(settings: Settings) -> HubServices:
     data_dir = settings.data_path(SERVICE)
     data_dir.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(settings.database(SERVICE))
+    engine = make_engine(settings.database(SERVICE), background_checkpoints=True)
     fhir_base = f"{settings.base_url()}/fhir"
     repository = SqlRepository(engine, local_base=fhir_base)
     resolvers: dict[str, KeyResolver] = {

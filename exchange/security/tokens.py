@@ -7,7 +7,9 @@ expiry/not-before with a small leeway, and an algorithm allow-list (no
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -172,3 +174,35 @@ def bearer_token(authorization: str | None) -> str:
 
 def now() -> int:
     return int(time.time())
+
+
+class PrincipalCache:
+    """Validated tokens, kept until they expire (bounded): a caller's next request with
+    the same token skips signature and claim checks. Nothing is cached past ``exp``, and
+    a token that failed validation is never cached."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._known: OrderedDict[str, tuple[float, Principal]] = OrderedDict()
+
+    def get(self, authorization: str) -> Principal | None:
+        with self._lock:
+            found = self._known.get(authorization)
+            if found is None:
+                return None
+            if found[0] <= time.time():
+                del self._known[authorization]
+                return None
+            self._known.move_to_end(authorization)
+            return found[1]
+
+    def put(self, authorization: str, principal: Principal) -> None:
+        expires = principal.claims.get("exp")
+        if not isinstance(expires, int | float):
+            return
+        with self._lock:
+            self._known[authorization] = (float(expires), principal)
+            self._known.move_to_end(authorization)
+            while len(self._known) > self._size:
+                self._known.popitem(last=False)

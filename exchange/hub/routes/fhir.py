@@ -222,8 +222,11 @@ def _written_response(written: Written, request: Request, base: str) -> Response
 
 
 def _after_write(services: HubServices, written: Written) -> Written:
-    """A new or changed Patient is matched against the master patient index."""
+    """A new or changed Patient is matched against the master patient index; a changed
+    Endpoint or Patient is seen by the next decision at once."""
     stored = written.stored
+    if stored.resource_type in ("Endpoint", "Patient"):
+        services.facts.clear()
     if stored.resource_type == "Patient" and written.outcome in ("created", "updated"):
         services.patients.reconcile(stored.id)
         stored = services.resources.read("Patient", stored.id)  # links may have been added
@@ -508,6 +511,8 @@ async def delete(
     written = await anyio.to_thread.run_sync(
         services.resources.delete, resource_type, rid, if_match, hook
     )
+    if resource_type in ("Endpoint", "Patient"):
+        services.facts.clear()
     await _audit_write(services, request, principal, "d", written)
     stored = written.stored
     if written.outcome == "gone":

@@ -53,6 +53,7 @@ async def review(
 async def link(pair: Pair, services: Services, principal: CurrentPrincipal) -> dict[str, str]:
     _operator(principal)
     await anyio.to_thread.run_sync(services.patients.link, *pair.ids())
+    services.facts.clear()
     return {"result": "linked"}
 
 
@@ -60,4 +61,5 @@ async def link(pair: Pair, services: Services, principal: CurrentPrincipal) -> d
 async def unlink(pair: Pair, services: Services, principal: CurrentPrincipal) -> dict[str, str]:
     _operator(principal)
     await anyio.to_thread.run_sync(services.patients.unlink, *pair.ids())
+    services.facts.clear()
     return {"result": "unlinked"}
