@@ -36,9 +36,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.services = built
     # The broker's refusals are FHIR OperationOutcomes too (DESIGN.md §2, "Retrieve").
     app.state.outcome_prefixes = (FHIR_PREFIX, BROKER_PREFIX)
-    app.include_router(idp.router)  # before fhir: /fhir/.well-known/… is not a resource type
+    # Routes are matched in order: the broker's (the most frequent, and overlapping no
+    # other) first; the IdP's before fhir, since /fhir/.well-known/… is not a resource type.
+    app.include_router(dicomweb.router)
+    app.include_router(idp.router)
     app.include_router(fhir.router)
     app.include_router(wellknown.router)
     app.include_router(mpi.router)
-    app.include_router(dicomweb.router)
     return finish(app, lambda _path: settings.max_body_bytes, built.checks)
