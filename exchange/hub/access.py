@@ -70,6 +70,7 @@ def subject_of(principal: Principal, reason: str | None = None) -> Subject:
     """The policy's view of the caller; ``reason`` is a stated break-the-glass reason."""
     claimed = principal.claims.get("break_glass_reason")
     stated = reason if reason and reason.strip() else claimed
+    studies = principal.claims.get("studies")
     return Subject(
         id=principal.sub,
         role=principal.role,
@@ -77,6 +78,7 @@ def subject_of(principal: Principal, reason: str | None = None) -> Subject:
         purpose_of_use=principal.purpose_of_use,
         patient=principal.patient,
         reason=str(stated).strip() if stated else None,
+        studies=tuple(str(s) for s in studies) if isinstance(studies, list) else None,
     )
 
 

@@ -54,9 +54,11 @@ class Subject:
     patient: str | None = None
     #: The reason stated for break-the-glass (purpose of use ETREAT) access.
     reason: str | None = None
+    #: A patient session opened with an access code covers only these studies (ids).
+    studies: tuple[str, ...] | None = None
 
     def as_input(self) -> dict[str, Any]:
-        return {
+        found: dict[str, Any] = {
             "id": self.id,
             "role": self.role,
             "organization": self.organization,
@@ -64,6 +66,9 @@ class Subject:
             "patient": self.patient,
             "reason": self.reason,
         }
+        if self.studies is not None:
+            found["studies"] = list(self.studies)
+        return found
 
     @classmethod
     def from_claims(cls, claims: Mapping[str, Any], reason: str | None = None) -> Subject:

@@ -1,8 +1,9 @@
 # Who may do what with a study: the exchange's one access decision.
 #
 # Input (built by exchange.policy.DecisionInput from plain values, never from the database):
-#   input.subject   {id, role, organization, purpose_of_use[], patient, reason}
-#                   reason = the stated reason for break-the-glass access
+#   input.subject   {id, role, organization, purpose_of_use[], patient, reason, studies[]}
+#                   reason = the stated reason for break-the-glass access; studies = the
+#                   studies (ids) a patient session from an access code covers, if any
 #   input.action    search | read | view | export | share | write-consent | read-audit
 #   input.resource  {type, study, uid, patient[] (linked ids too), custodian (holding
 #                   organisation), security_labels[], date (YYYY-MM-DD)}
@@ -143,7 +144,16 @@ own_patient if {
 	role == "patient"
 	is_string(input.subject.patient)
 	input.subject.patient in input.resource.patient
+	session_covers_study
 }
+
+# A patient session opened with an access code (input.subject.studies) covers only the
+# studies the code was issued for; a patient's own sign-in covers all of theirs.
+default session_covers_study := false
+
+session_covers_study if not input.subject.studies
+
+session_covers_study if input.resource.study in input.subject.studies
 
 break_glass_claimed if {
 	some code in input.subject.purpose_of_use
@@ -329,6 +339,10 @@ malformed contains sprintf("%q is not an action the exchange knows", [input.acti
 # Studies: the most telling refusal first.
 study_refusals := {"the request does not say which organisation holds the study or whose it is"} if {
 	not study_described
+} else := {"the access code this session was opened with does not cover this study"} if {
+	role == "patient"
+	input.subject.patient in input.resource.patient
+	not session_covers_study
 } else := {"patients may only see their own studies"} if {
 	role == "patient"
 } else := break_glass_refusals if {

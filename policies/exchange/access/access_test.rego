@@ -331,3 +331,11 @@ test_operators_may_not_view_or_export_images_held_elsewhere if {
 	d := decide(request({"id": "op", "role": "operator", "organization": "hie"}, action, []))
 	not d.allow
 }
+
+test_patient_session_from_an_access_code_covers_only_its_studies if {
+	me := {"id": "p1", "role": "patient", "organization": null, "patient": "hie-1"}
+	decide(request(object.union(me, {"studies": ["s1"]}), "export", [])).allow
+	d := decide(request(object.union(me, {"studies": ["s9"]}), "view", []))
+	not d.allow
+	d.reasons == ["the access code this session was opened with does not cover this study"]
+}
