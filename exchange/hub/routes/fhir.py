@@ -130,6 +130,34 @@ def _break_glass_reason(request: Request) -> str | None:
     return request.headers.get(auditing.BREAK_GLASS_HEADER)
 
 
+def _audit_now(
+    services: HubServices,
+    request: Request,
+    principal: Principal,
+    action: AuditAction,
+    what: What,
+    *,
+    allowed: bool,
+    decision: decisions.Decision | None = None,
+    reason: str | None = None,
+    interaction: Interaction | None = None,
+) -> None:
+    """Durable before the answer goes out; ``Unavailable`` (503) when it cannot be.
+    Runs in the worker thread that did the request's other work."""
+    auditing.record(
+        services,
+        action=action,
+        principal=principal,
+        address=_address(request),
+        what=what,
+        decision=decision,
+        allowed=allowed,
+        reason=reason,
+        break_glass_reason=_break_glass_reason(request),
+        interaction=interaction,
+    )
+
+
 async def _audit(
     services: HubServices,
     request: Request,
@@ -142,37 +170,33 @@ async def _audit(
     reason: str | None = None,
     interaction: Interaction | None = None,
 ) -> None:
-    """Durable before the answer goes out; ``Unavailable`` (503) when it cannot be."""
     await anyio.to_thread.run_sync(
-        lambda: auditing.record(
+        lambda: _audit_now(
             services,
-            action=action,
-            principal=principal,
-            address=_address(request),
-            what=what,
-            decision=decision,
+            request,
+            principal,
+            action,
+            what,
             allowed=allowed,
+            decision=decision,
             reason=reason,
-            break_glass_reason=_break_glass_reason(request),
             interaction=interaction,
         )
     )
 
 
-async def _authorize(
+def _authorize_now(
     services: HubServices,
     principal: Principal,
     resource_type: str,
     letter: str,
     request: Request,
-    what: What | None = None,
 ) -> None:
     """Scopes first (what the token allows), then the HIE's policy (what the person may do).
-    A refusal is audited before it is answered."""
+    A refusal is audited before it is answered. Runs in a worker thread."""
     try:
         require(principal.scopes, resource_type, letter)
-        decision = await anyio.to_thread.run_sync(
-            decisions.fhir_interaction,
+        decision = decisions.fhir_interaction(
             services.policy,
             subject_of(principal),
             _POLICY_INTERACTIONS[letter],
@@ -181,8 +205,8 @@ async def _authorize(
         if not decision.allow:
             raise Forbidden(decision.reason())
     except Forbidden as refused:
-        shown = what or What(query=str(request.url.query) or None, resource=resource_type)
-        await _audit(
+        shown = What(query=str(request.url.query) or None, resource=resource_type)
+        _audit_now(
             services,
             request,
             principal,
@@ -192,6 +216,18 @@ async def _authorize(
             reason=refused.message,
         )
         raise
+
+
+async def _authorize(
+    services: HubServices,
+    principal: Principal,
+    resource_type: str,
+    letter: str,
+    request: Request,
+) -> None:
+    await anyio.to_thread.run_sync(
+        _authorize_now, services, principal, resource_type, letter, request
+    )
 
 
 async def _resource_body(request: Request, resource_type: str) -> dict[str, Any]:
@@ -283,38 +319,39 @@ async def _search(
     services: HubServices,
     principal: Principal,
 ) -> Response:
+    """Authorize, expand linked patients, search under the policy, present and audit: all
+    in one worker thread (each hop to a thread costs more than most of these steps)."""
     query_text = "&".join(f"{k}={v}" for k, v in items) or None
-    await _authorize(services, principal, resource_type, "s", request)
     base = _fhir_base(services)
     lenient = _prefer(request).get("handling") == "lenient"
-    query = search.parse(resource_type, items, lenient=lenient, local_base=base)
-    query = await anyio.to_thread.run_sync(services.patients.expand, query)
     reason = _break_glass_reason(request)
 
     @cache
     def may_read_type(included_type: str) -> bool:
         return _may_include(principal, services, included_type)
 
-    visible: Callable[[Sequence[Any]], list[Any]] = partial(
-        access.filter_visible, services, principal, action="search", reason=reason
-    )
-    result = await anyio.to_thread.run_sync(
-        lambda: search.execute(
+    def work() -> tuple[search.SearchResult, dict[str, Any]]:
+        _authorize_now(services, principal, resource_type, "s", request)
+        query = search.parse(resource_type, items, lenient=lenient, local_base=base)
+        query = services.patients.expand(query)
+        visible: Callable[[Sequence[Any]], list[Any]] = partial(
+            access.filter_visible, services, principal, action="search", reason=reason
+        )
+        result = search.execute(
             services.resources, query, visible=visible, may_read_type=may_read_type
         )
-    )
-    result = dataclasses.replace(
-        result,
-        matches=_presented(services, principal, result.matches),
-        included=_presented(services, principal, result.included),
-    )
-    shown = [*result.matches, *result.included]
-    what = What(patients=auditing.patients_of(shown), query=query_text, resource=resource_type)
-    await _audit(services, request, principal, "search", what, allowed=True)
-    return _fhir(
-        bundle.searchset(result, base),
-        headers={"Server-Timing": f"search;dur={result.elapsed_ms:.2f}"},
-    )
+        result = dataclasses.replace(
+            result,
+            matches=_presented(services, principal, result.matches),
+            included=_presented(services, principal, result.included),
+        )
+        shown = [*result.matches, *result.included]
+        what = What(patients=auditing.patients_of(shown), query=query_text, resource=resource_type)
+        _audit_now(services, request, principal, "search", what, allowed=True)
+        return result, bundle.searchset(result, base)
+
+    result, body = await anyio.to_thread.run_sync(work)
+    return _fhir(body, headers={"Server-Timing": f"search;dur={result.elapsed_ms:.2f}"})
 
 
 def _presented(services: HubServices, principal: Principal, found: list[Stored]) -> list[Stored]:
@@ -344,30 +381,30 @@ async def _read_checked(
     services: HubServices,
     request: Request,
     principal: Principal,
+    resource_type: str,
     load: Callable[[], Any],
     current: Callable[[Any], Stored | access.Visible],
 ) -> Any:
-    """Load, decide and audit one direct read (read, vread, history): 403 with the
-    policy's reason, audited, when the caller may not have it."""
+    """Authorize, load, decide and audit one direct read (read, vread, history) in one
+    worker thread: 403 with the policy's reason, audited, when the caller may not have it."""
     reason = _break_glass_reason(request)
 
-    def checked() -> tuple[Any, What, decisions.Decision | None, str | None]:
+    def checked() -> Any:
+        _authorize_now(services, principal, resource_type, "r", request)
         found = load()
         item = current(found)
         what = _what(item, services)
         try:
             decision = access.require_visible(services, principal, item, "read", reason)
         except Forbidden as refused:
-            return found, what, None, refused.message
-        return found, what, decision, None
+            _audit_now(
+                services, request, principal, "read", what, allowed=False, reason=refused.message
+            )
+            raise
+        _audit_now(services, request, principal, "read", what, allowed=True, decision=decision)
+        return found
 
-    found, what, decision, refusal = await anyio.to_thread.run_sync(checked)
-    action: AuditAction = "read"
-    if refusal is not None:
-        await _audit(services, request, principal, action, what, allowed=False, reason=refusal)
-        raise Forbidden(refusal)
-    await _audit(services, request, principal, action, what, allowed=True, decision=decision)
-    return found
+    return await anyio.to_thread.run_sync(checked)
 
 
 async def _audit_write(
@@ -453,11 +490,11 @@ async def read(
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     _check_id(resource_type, rid)
-    await _authorize(services, principal, resource_type, "r", request)
     stored: Stored = await _read_checked(
         services,
         request,
         principal,
+        resource_type,
         lambda: services.resources.read(resource_type, rid),
         lambda found: found,
     )
@@ -552,6 +589,7 @@ async def history(
         services,
         request,
         principal,
+        resource_type,
         lambda: services.resources.history(resource_type, rid, offset, count),
         lambda loaded: loaded.current,
     )
@@ -575,11 +613,11 @@ async def vread(
     principal: CurrentPrincipal,
 ) -> Response:
     _check_id(resource_type, rid)
-    await _authorize(services, principal, resource_type, "r", request)
     stored: Stored = await _read_checked(
         services,
         request,
         principal,
+        resource_type,
         lambda: services.resources.vread(resource_type, rid, version),
         lambda found: found,
     )
