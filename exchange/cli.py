@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -99,7 +99,39 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.run(state_file=args.state, data_dir=args.data_dir)
 
 
+def _pydicom_without_pixel_libraries() -> None:
+    """Load pydicom with numpy, Pillow and requests hidden from it.
+
+    pydicom imports them at once for its pixel handlers and test-data downloads;
+    ``exchange import`` uses neither (it validates the header and stores the bytes as
+    they are), and they were ~0.13 s, a fifth of its start-up. Nothing changes where
+    pydicom is already loaded, and the three stay importable afterwards.
+    """
+    if "pydicom" in sys.modules:
+        return
+    import importlib.abc
+    from collections.abc import Sequence as Paths
+    from importlib.machinery import ModuleSpec
+    from types import ModuleType
+
+    class Hidden(importlib.abc.MetaPathFinder):
+        def find_spec(
+            self, name: str, path: Paths[str] | None, target: ModuleType | None = None
+        ) -> ModuleSpec | None:
+            if name.partition(".")[0] in ("numpy", "PIL", "requests"):
+                raise ModuleNotFoundError(f"{name} is not loaded by exchange import", name=name)
+            return None
+
+    hidden = Hidden()
+    sys.meta_path.insert(0, hidden)
+    try:
+        import pydicom  # noqa: F401
+    finally:
+        sys.meta_path.remove(hidden)
+
+
 def _import(args: argparse.Namespace) -> int:
+    _pydicom_without_pixel_libraries()
     from exchange.node import importer
 
     settings = _settings(args, data_dir=args.data_dir, node_id=args.node_id)
@@ -328,6 +360,172 @@ def _audit_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _access_codes(args: argparse.Namespace) -> Any:
+    """The hub's access codes, audit trail and patient index, from the hub's settings."""
+    from exchange.fhir.mpi import PatientIndex
+    from exchange.fhir.repository import SqlRepository
+    from exchange.hub.accesscodes import AccessCodes, CodeKey, Limits, key_path
+    from exchange.hub.services import SERVICE
+
+    audit, engine = _audit_log(args)
+    settings = _settings(args, data_dir=args.data_dir)
+    key_file = key_path(settings.data_path(SERVICE))
+    if not key_file.is_file():
+        engine.dispose()
+        raise ConfigurationError(f"no access-code key at {key_file}: has this hub issued codes?")
+    codes = AccessCodes(engine, CodeKey.load_or_create(key_file), Limits.from_settings(settings))
+    base = f"{settings.base_url()}/fhir"
+    patients = PatientIndex(engine, SqlRepository(engine), settings.hie_identifier_system, base)
+    return codes, audit, patients, engine, settings
+
+
+def _access_code_list(args: argparse.Namespace) -> int:
+    codes, _audit, patients, engine, _ = _access_codes(args)
+    pid = str(args.patient).removeprefix("Patient/")
+    try:
+        found = codes.for_patients(patients.linked([pid]) or [pid])
+    finally:
+        engine.dispose()
+    now = codes.now_ms()
+    if args.json:
+        print(json.dumps([code.as_json(now) for code in found], indent=2))
+        return EXIT_OK
+    if not found:
+        print(f"no access codes for Patient/{pid}")
+        return EXIT_OK
+    for code in found:
+        shown = code.as_json(now)
+        print(
+            f"{shown['id']}  {shown['state']:<8} Patient/{code.patient}  "
+            f"{len(code.studies)} studies  issued {shown['issued']} by {code.issued_by} "
+            f"({code.organization})  expires {shown['expires']}  "
+            f"verified {code.method} {shown['verification']['verified_at']}"
+        )
+    return EXIT_OK
+
+
+def _access_code_revoke(args: argparse.Namespace) -> int:
+    import getpass
+
+    from exchange.audit.events import What, Who, build
+    from exchange.hub.accesscodes import MalformedCode, normalise_id
+
+    try:
+        plain = normalise_id(args.id)
+    except MalformedCode:
+        raise UsageError(
+            f"exchange access-code revoke: {args.id!r} is not an access code id (like K7QD-3M9X)"
+        ) from None
+    codes, audit, _patients, engine, settings = _access_codes(args)
+    by = f"cli:{args.by or getpass.getuser()}"
+    try:
+        if codes.get(plain) is None:
+            return _fail(f"no access code {args.id}", EXIT_FAILURE)
+        code, revoked_now = codes.revoke(plain, by)
+        said = "revoked" if revoked_now else "was already revoked"
+        audit.record(
+            build(
+                action="access-code-revoke",
+                who=Who(user=by, role="operator", organization=None),
+                what=What(
+                    patients=(code.patient,), study=code.studies[0] if code.studies else None
+                ),
+                allowed=True,
+                observer=settings.base_url(),
+                reason=f"access code {code.display_id} {said} (command line)",
+            )
+        )
+    finally:
+        engine.dispose()
+    print(f"access code {code.display_id} {said}")
+    return EXIT_OK
+
+
+def _hub_index(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """The hub's settings, database engine and FHIR index (verbs that work on its database)."""
+    from exchange.database import make_engine
+    from exchange.fhir.repository import SqlRepository
+    from exchange.hub.services import SERVICE
+
+    settings = _settings(args, data_dir=args.data_dir)
+    url = settings.database(SERVICE)
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise ConfigurationError(f"no hub database at {url.removeprefix('sqlite:///')}")
+    engine = make_engine(url)
+    return settings, engine, SqlRepository(engine, local_base=f"{settings.base_url()}/fhir")
+
+
+def _share_list(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from exchange.fhir.mpi import PatientIndex
+    from exchange.hub import sharing
+
+    patient = str(args.patient).removeprefix("Patient/")
+    if not sharing.is_fhir_id(patient):
+        raise UsageError(f"exchange share list: {patient!r} is not a Patient id")
+    settings, engine, repository = _hub_index(args)
+    try:
+        index = PatientIndex(engine, repository, settings.hie_identifier_system)
+        found = sharing.shares_of_patients(
+            repository, index.linked([patient]), datetime.now(UTC), every=args.all
+        )
+    finally:
+        engine.dispose()
+    if args.json:
+        print(json.dumps([s.as_json() for s in found], indent=2))
+    for share in [] if args.json else found:
+        print(share.describe())
+    if not found and not args.json:
+        which = "" if args.all else "active "
+        print(f"no {which}shares of Patient/{patient}'s studies", file=sys.stderr)
+    return EXIT_OK
+
+
+def _share_revoke(args: argparse.Namespace) -> int:
+    import getpass
+
+    from exchange.audit.events import What, Who, build
+    from exchange.audit.log import AuditLog
+    from exchange.hub import sharing
+    from exchange.hub.services import grant_key_path
+    from exchange.security.keys import load_or_create
+
+    settings, engine, repository = _hub_index(args)
+    try:
+        stored = sharing.load_share(repository, args.id)
+        share = sharing.share_of(stored.body)
+        ended, changed = sharing.end_share(repository, stored)
+        key_file = grant_key_path(settings)
+        signer = load_or_create(key_file) if key_file.is_file() else None
+        try:
+            user = getpass.getuser()
+        except (OSError, KeyError):
+            user = "unknown"
+        said = "revoked by an HIE operator with the exchange CLI"
+        AuditLog(engine, repository, signer, issuer=settings.base_url()).record(
+            build(
+                action="revoke",
+                who=Who(user=f"cli:{user}", role="operator", organization=None),
+                what=What(
+                    patients=(share.patient,) if share.patient else (),
+                    study=share.study,
+                    resource=f"Consent/{share.id}",
+                ),
+                allowed=True,
+                observer=settings.base_url(),
+                reason=said if changed else f"{said}; it had already ended",
+            )
+        )
+    finally:
+        engine.dispose()
+    if changed:
+        print(f"revoked Consent/{share.id} (now version {ended.version}, inactive)")
+    else:
+        print(f"Consent/{share.id} had already ended ({ended.body.get('status')}); nothing changed")
+    return EXIT_OK
+
+
 def _policy_dir(args: argparse.Namespace) -> Path:
     if args.policy_dir is not None:
         return Path(args.policy_dir)
@@ -484,9 +682,32 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node-id", help="the node's id (EXCHANGE_NODE_ID)")
 
 
+class _Choices:
+    """Another module's tuple of choices, read only when argparse checks or shows it.
+
+    Importing the token module (httpx, PyJWT) and the policy package just to build
+    the parser cost every verb ~0.1 s of start-up, ``exchange import`` included. Set
+    as ``action.choices`` after ``add_argument``, which would otherwise iterate them.
+    """
+
+    def __init__(self, module: str, name: str) -> None:
+        self._module, self._name = module, name
+
+    def _values(self) -> tuple[str, ...]:
+        import importlib
+
+        return tuple(getattr(importlib.import_module(self._module), self._name))
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._values()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from exchange.policy.decisions import ACTIONS
-    from exchange.security.tokens import ROLES
+    ACTIONS = _Choices("exchange.policy.decisions", "ACTIONS")  # noqa: N806 - the constant's name
+    ROLES = _Choices("exchange.security.tokens", "ROLES")  # noqa: N806
 
     parser = _Parser(prog="exchange", description="Federated medical-image exchange for an HIE.")
     parser.add_argument("--version", action="version", version=f"exchange {__version__}")
@@ -621,6 +842,62 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(handler=_audit_export)
     audit.set_defaults(handler=lambda _a: _missing(audit, "TOOL"))
 
+    share = verbs.add_parser(
+        "share",
+        help="list and revoke providers' shares of studies (HIE operators)",
+        description="Read and change the hub's database (its settings: --config, EXCHANGE_*; "
+        "safe while the hub runs). Revoking is audited.",
+    )
+    share_verbs = share.add_subparsers(dest="share_verb", metavar="TOOL", parser_class=_Parser)
+    share_list = share_verbs.add_parser(
+        "list", help="the shares of a patient's studies (every linked patient record)"
+    )
+    share_list.add_argument("--patient", required=True, metavar="ID", help="a Patient id")
+    share_list.add_argument(
+        "--all", action="store_true", help="also shares that were revoked or have ended"
+    )
+    share_list.add_argument("--json", action="store_true", help="print JSON")
+    _add_config(share_list)
+    share_list.add_argument("--data-dir", type=Path, metavar="DIR", help="the hub's data directory")
+    share_list.set_defaults(handler=_share_list)
+    share_revoke = share_verbs.add_parser(
+        "revoke", help="end a share now (its Consent becomes inactive; audited)"
+    )
+    share_revoke.add_argument("id", metavar="ID", help="the share's Consent id")
+    _add_config(share_revoke)
+    share_revoke.add_argument(
+        "--data-dir", type=Path, metavar="DIR", help="the hub's data directory"
+    )
+    share_revoke.set_defaults(handler=_share_revoke)
+    share.set_defaults(handler=lambda _a: _missing(share, "TOOL"))
+
+    access_code = verbs.add_parser(
+        "access-code",
+        help="list and revoke patient access codes (the hub's database)",
+        description="Read the hub's database (its settings: --config, EXCHANGE_*; safe while "
+        "the hub runs). Codes themselves are never shown: only their ids.",
+    )
+    code_verbs = access_code.add_subparsers(
+        dest="access_code_verb", metavar="TOOL", parser_class=_Parser
+    )
+    code_list = code_verbs.add_parser("list", help="a patient's access codes and their state")
+    code_list.add_argument("--patient", required=True, metavar="ID", help="the Patient id")
+    code_list.add_argument("--json", action="store_true", help="print JSON")
+    _add_config(code_list)
+    code_list.add_argument("--data-dir", type=Path, metavar="DIR", help="the hub's data directory")
+    code_list.set_defaults(handler=_access_code_list)
+    code_revoke = code_verbs.add_parser(
+        "revoke", help="revoke an access code (audited); exit 1 if there is no such code"
+    )
+    code_revoke.add_argument("id", metavar="ID", help="the code's id (its first two groups)")
+    code_revoke.add_argument("--by", metavar="NAME", help="who revokes it (default: your login)")
+    _add_config(code_revoke)
+    code_revoke.add_argument(
+        "--data-dir", type=Path, metavar="DIR", help="the hub's data directory"
+    )
+    code_revoke.set_defaults(handler=_access_code_revoke)
+    access_code.set_defaults(handler=lambda _a: _missing(access_code, "TOOL"))
+
     policy = verbs.add_parser(
         "policy",
         help="test the access policies and explain their decisions (offline)",
@@ -649,7 +926,7 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--token", metavar="JWT", help="the caller's token (claims read, not checked)")
     who.add_argument("--claims", type=Path, metavar="FILE", help="the caller's claims as JSON")
     explain.add_argument("--study", metavar="ID", help="which study of --study-file (id or UID)")
-    explain.add_argument("--action", choices=ACTIONS, default="view")
+    explain.add_argument("--action", default="view").choices = ACTIONS
     explain.add_argument("--consents", type=Path, metavar="FILE", help="the patient's consents")
     explain.add_argument(
         "--purpose", action="append", metavar="CODE", help="override the purpose of use"
@@ -672,8 +949,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="claims of the callers to try (default: a clinician of each organisation named)",
     )
     what_if.add_argument(
-        "--action", action="append", choices=ACTIONS, help="repeatable (default view, export)"
-    )
+        "--action", action="append", help="repeatable (default view, export)"
+    ).choices = ACTIONS
     _add_offline_flags(what_if)
     what_if.set_defaults(handler=_policy_what_if)
     policy.set_defaults(handler=lambda _a: _missing(policy, "TOOL"))
@@ -682,7 +959,7 @@ def build_parser() -> argparse.ArgumentParser:
     dev_verbs = dev.add_subparsers(dest="dev_verb", metavar="TOOL", parser_class=_Parser)
     token = dev_verbs.add_parser("token", help="print a JWT from the development IdP")
     token.add_argument("--sub", required=True, help="subject (user or system id)")
-    token.add_argument("--role", required=True, choices=ROLES)
+    token.add_argument("--role", required=True).choices = ROLES
     token.add_argument("--org", required=True, help="organisation the subject acts for")
     token.add_argument(
         "--purpose",

@@ -136,6 +136,23 @@ class Settings(BaseSettings):
     broker_max_keepalive: Annotated[int, Field(ge=0, le=10_000)] = 20
     #: Broker: node calls one cross-site QIDO-RS search makes at the same time.
     broker_max_streams: Annotated[int, Field(ge=1, le=256)] = 8
+    #: Patient access codes: validity when the issuer names none, and the longest allowed.
+    access_code_default_days: Annotated[float, Field(gt=0, le=365)] = 7.0
+    access_code_max_days: Annotated[float, Field(gt=0, le=365)] = 30.0
+    #: How the holding site may have verified the patient's identity (verification.method).
+    access_code_verification_methods: list[str] = ["photo-id", "in-person", "video"]
+    #: How long ago that verification may have been, when the code is issued.
+    access_code_verification_max_age_days: Annotated[float, Field(gt=0, le=365)] = 30.0
+    #: Wrong codes tried against one code before it is locked ...
+    access_code_max_failures: Annotated[int, Field(ge=1, le=100)] = 5
+    #: ... for this long, doubling with each further lock-out up to the maximum.
+    access_code_lockout_seconds: Annotated[float, Field(gt=0, le=86400)] = 60.0
+    access_code_lockout_max_seconds: Annotated[float, Field(gt=0, le=30 * 86400)] = 86400.0
+    #: Failed redemptions one client address may make per window (then 429).
+    access_code_address_failures: Annotated[int, Field(ge=1, le=1_000_000)] = 20
+    access_code_address_window_seconds: Annotated[float, Field(gt=0, le=86400)] = 900.0
+    #: Lifetime of the patient session a redeemed access code opens.
+    patient_session_seconds: Annotated[int, Field(ge=1, le=3600)] = 900
 
     # -- node --------------------------------------------------------------
     node_id: Identifier = "node"
@@ -189,6 +206,12 @@ class Settings(BaseSettings):
             raise ValueError("consent_source = 'registry' needs consent_registry_url")
         if self.consent_max_staleness_seconds < self.consent_cache_seconds:
             raise ValueError("consent_max_staleness_seconds must be at least consent_cache_seconds")
+        if self.access_code_default_days > self.access_code_max_days:
+            raise ValueError("access_code_default_days must be at most access_code_max_days")
+        if self.access_code_lockout_max_seconds < self.access_code_lockout_seconds:
+            raise ValueError(
+                "access_code_lockout_max_seconds must be at least access_code_lockout_seconds"
+            )
         for owner, client, secret in [
             ("", self.hub_client_id, self.hub_client_secret),
             *(

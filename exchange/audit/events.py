@@ -14,10 +14,19 @@ How each action is coded (``type`` / ``subtype`` / ``action``)::
     export          DCM 110106 "Export"           DCM 110106                        R
     consent-change  rest                          create | update | delete          C | U | D
     share           rest                          create                            C
+    revoke          rest                          update                            U
     login-failure   DCM 110114 "User              DCM 110122 "Login"                E
                     Authentication"
     publish         rest                          update (conditional update)       U
     retract         rest                          delete                            D
+    access-code-    rest                          create                            C
+      issue         (a patient access code issued after identity verification)
+    access-code-    DCM 110114 "User              DCM 110122 "Login"                E
+      redeem        Authentication"               (a code exchanged for a patient session)
+    access-code-    DCM 110114                    DCM 110122                        E
+      lockout       (a code locked after too many wrong attempts; outcome 4)
+    access-code-    rest                          update                            U
+      revoke
 
 Every event also carries a subtype from our own code system
 (``AUDIT_SYSTEM|<action>``) so ``AuditEvent?subtype=AUDIT_SYSTEM|view`` finds one
@@ -54,9 +63,14 @@ AuditAction = Literal[
     "export",
     "consent-change",
     "share",
+    "revoke",
     "login-failure",
     "publish",
     "retract",
+    "access-code-issue",
+    "access-code-redeem",
+    "access-code-lockout",
+    "access-code-revoke",
 ]
 AUDIT_ACTIONS: tuple[AuditAction, ...] = get_args(AuditAction)
 
@@ -144,6 +158,7 @@ _CODES: dict[str, tuple[dict[str, Any], list[dict[str, Any]], str]] = {
     ),
     "export": (_coding(DCM, "110106", "Export"), [_coding(DCM, "110106", "Export")], "R"),
     "share": (_REST, [_coding(RESTFUL, "create", "create")], "C"),
+    "revoke": (_REST, [_coding(RESTFUL, "update", "update")], "U"),
     "login-failure": (
         _coding(DCM, "110114", "User Authentication"),
         [_coding(DCM, "110122", "Login")],
@@ -151,6 +166,18 @@ _CODES: dict[str, tuple[dict[str, Any], list[dict[str, Any]], str]] = {
     ),
     "publish": (_REST, [_coding(RESTFUL, "update", "update")], "U"),
     "retract": (_REST, [_coding(RESTFUL, "delete", "delete")], "D"),
+    "access-code-issue": (_REST, [_coding(RESTFUL, "create", "create")], "C"),
+    "access-code-redeem": (
+        _coding(DCM, "110114", "User Authentication"),
+        [_coding(DCM, "110122", "Login")],
+        "E",
+    ),
+    "access-code-lockout": (
+        _coding(DCM, "110114", "User Authentication"),
+        [_coding(DCM, "110122", "Login")],
+        "E",
+    ),
+    "access-code-revoke": (_REST, [_coding(RESTFUL, "update", "update")], "U"),
 }
 
 
@@ -171,10 +198,17 @@ def _purpose(code: str) -> dict[str, Any]:
     return _concept(ACT_REASON, code, _PURPOSES.get(code))
 
 
-def _agents(who: Who, observer: str, purposes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _agents(
+    who: Who, observer: str, purposes: list[dict[str, Any]], about: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
     user_who: dict[str, Any] = {"identifier": {"value": who.user}}
+    # A patient acting on their own records is named as that Patient; acting on anyone
+    # else's (a refused attempt), only by the user id, so that the event is not among the
+    # disclosures that patient reads about themselves with another patient's id in it.
     if who.role == "patient" and who.patient:
-        user_who["reference"] = f"Patient/{_plain(who.patient, 'Patient')}"
+        own = _plain(who.patient, "Patient")
+        if not about or own in {_plain(p, "Patient") for p in about}:
+            user_who["reference"] = f"Patient/{own}"
     user: dict[str, Any] = {
         "type": _concept(PARTICIPATION, "IRCP", "information recipient"),
         "role": [_concept(ROLE_SYSTEM, who.role or "unknown")],
@@ -340,7 +374,7 @@ def build(
         event["outcomeDesc"] = described
     if purpose_concepts:
         event["purposeOfEvent"] = purpose_concepts
-    event["agent"] = _agents(who, observer, purpose_concepts)
+    event["agent"] = _agents(who, observer, purpose_concepts, what.patients)
     event["source"] = {
         "observer": {"identifier": {"system": URI, "value": observer}, "display": observer},
         "type": [_coding(SOURCE_TYPE, "4", "Application Server")],

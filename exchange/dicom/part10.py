@@ -10,10 +10,12 @@ it with zeros and record when it was not already zero.
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 from typing import BinaryIO
 
 import pydicom
+import pydicom.config
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -66,11 +68,58 @@ class InstanceHeader:
     instance_number: int | None
     preamble_was_clean: bool
     dataset: Dataset
+    accession: str | None = None
+
+
+#: The single-valued string VRs whose raw value ``raw_text`` decodes.
+_TEXT_VRS = frozenset({"CS", "DA", "IS", "LO", "PN", "SH", "TM", "UI"})
+_DATE_TIME_VRS = frozenset({"DA", "TM"})
+_INTEGER = re.compile(r" *[+-]?[0-9]+")
+#: (keyword, tag, VR) of what ``read_header`` takes from the data set.
+_FIELDS = {
+    "StudyInstanceUID": (0x0020000D, "UI"),
+    "SeriesInstanceUID": (0x0020000E, "UI"),
+    "SOPInstanceUID": (0x00080018, "UI"),
+    "SOPClassUID": (0x00080016, "UI"),
+    "PatientID": (0x00100020, "LO"),
+    "Modality": (0x00080060, "CS"),
+    "StudyDate": (0x00080020, "DA"),
+    "SeriesNumber": (0x00200011, "IS"),
+    "InstanceNumber": (0x00200013, "IS"),
+    "AccessionNumber": (0x00080050, "SH"),
+}
+
+
+def raw_text(raw: object, vr: str) -> str | None:
+    """A simple element's value decoded from its raw bytes, as pydicom would decode it.
+
+    Simple: not yet converted, of the expected ``vr`` (one of ``_TEXT_VRS``), ASCII
+    only, one value (no backslash), no ISO 2022 escape. Such bytes read the same in
+    every DICOM character set, and pydicom only strips their trailing spaces and NULs.
+    Anything else is None: ask pydicom, whose conversion of an element costs ~5 us
+    (with ~30 elements read per instance, that was a tenth of the ingest time).
+    """
+    if type(raw) is not RawDataElement or raw.VR not in (None, vr):
+        return None
+    value = raw.value
+    if type(value) is not bytes or not value.isascii() or b"\\" in value or b"\x1b" in value:
+        return None
+    if vr in _DATE_TIME_VRS and pydicom.config.datetime_conversion:
+        return None
+    return value.decode("ascii").rstrip("\0 ")
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    """The value as text ("" when absent or empty), the fast way when it is simple."""
+    tag, vr = _FIELDS[keyword]
+    text = raw_text(ds.get_item(tag, keep_deferred=True), vr)
+    if text is None:
+        text = str(ds.get(keyword) or "")
+    return text
 
 
 def _uid(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
-    text = str(value).strip() if value is not None else ""
+    text = _text(ds, keyword).strip()
     if not text:
         raise InvalidInstance(f"missing {_REQUIRED[keyword]}")
     if keyword != "PatientID" and not is_uid(text):
@@ -79,6 +128,10 @@ def _uid(ds: Dataset, keyword: str) -> str:
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
+    tag, vr = _FIELDS[keyword]
+    text = raw_text(ds.get_item(tag, keep_deferred=True), vr)
+    if text is not None and _INTEGER.fullmatch(text):
+        return int(text)
     try:
         value = ds.get(keyword)
         return int(value) if value not in (None, "") else None
@@ -137,12 +190,13 @@ def read_header(stream: BinaryIO) -> InstanceHeader:
             sop_class_uid=_uid(ds, "SOPClassUID"),
             patient_id=_uid(ds, "PatientID"),
             transfer_syntax_uid=syntax,
-            modality=str(ds.get("Modality") or "") or None,
-            study_date=str(ds.get("StudyDate") or "") or None,
+            modality=_text(ds, "Modality") or None,
+            study_date=_text(ds, "StudyDate") or None,
             series_number=_int(ds, "SeriesNumber"),
             instance_number=_int(ds, "InstanceNumber"),
             preamble_was_clean=preamble == ZERO_PREAMBLE,
             dataset=ds,
+            accession=_text(ds, "AccessionNumber") or None,
         )
     except InvalidInstance:
         raise

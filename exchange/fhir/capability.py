@@ -37,7 +37,26 @@ def _resource(resource_type: str, writable: bool) -> dict[str, Any]:
         entry["searchInclude"] = list(includes)
     if revincludes := sp.REVINCLUDES.get(resource_type):
         entry["searchRevInclude"] = list(revincludes)
+    if operations := OPERATIONS.get(resource_type):
+        entry["operation"] = [
+            {"name": name, "definition": f"{OPERATION_BASE}/{name}", "documentation": doc}
+            for name, doc in operations
+        ]
     return entry
+
+
+OPERATION_BASE = "https://exchange.example.org/fhir/OperationDefinition"
+#: Instance operations the hub serves, per type: (name, what it does).
+OPERATIONS: dict[str, tuple[tuple[str, str], ...]] = {
+    "ImagingStudy": (
+        (
+            "share",
+            "POST ImagingStudy/{id}/$share: share a study you may view with one other "
+            "provider (a Consent and its Provenance); recipients cannot share it on",
+        ),
+    ),
+    "Consent": (("revoke", "POST Consent/{id}/$revoke: end a provider share"),),
+}
 
 
 OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"

@@ -20,6 +20,7 @@ SERVED: dict[str, bool] = {
     "Endpoint": True,
     "Consent": True,
     "AuditEvent": False,  # written by the hub itself; append-only
+    "Provenance": False,  # written by the hub itself (who made a provider share)
 }
 
 

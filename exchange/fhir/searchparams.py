@@ -207,6 +207,18 @@ PARAMS: dict[str, dict[str, SearchParam]] = {
                 doc="C | R | U | D | E",
             ),
         ),
+        "Provenance": (
+            _p("target", "reference", "target", doc="The resource(s) the provenance is about"),
+            _p(
+                "agent",
+                "reference",
+                "agent.who",
+                targets=(*_AGENT_TYPES, "RelatedPerson"),
+                doc="Who took part",
+            ),
+            _p("entity", "reference", "entity.what", doc="What was used"),
+            _p("recorded", "date", "recorded", doc="When the activity was recorded"),
+        ),
     }.items()
 }
 

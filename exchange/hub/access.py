@@ -321,6 +321,26 @@ def decide_studies(
     return decide(services, principal, action, studies, reason)
 
 
+def decide_with(
+    services: HubServices,
+    principal: Principal,
+    action: str,
+    item: Visible,
+    extra: Mapping[str, Any],
+) -> Decision:
+    """One decision about ``item`` given more than its facts: ``extra`` is added to the
+    policy input (``share``: the provider-share Consent a ``revoke-share`` would end).
+    Never raises: failure is a refusal."""
+    try:
+        fact = resource_facts(_Lookups(services), item)
+        consents = _consents(services, [fact])
+    except ExchangeError as exc:
+        refusal = f"access cannot be decided now ({exc.message}), so it is refused"
+        return Decision(False, (refusal,))
+    question = DecisionInput(subject_of(principal), action, fact, tuple(consents))
+    return decide_batch(services.policy, [{**question.as_input(), **extra}])[0]
+
+
 def study_patients(services: HubServices, study: Visible) -> tuple[str, ...]:
     """Every Patient id the study's patient is known by (for the audit)."""
     return _Lookups(services).patients(_ids(study.facts.get("patient", ()), "Patient"))

@@ -12,7 +12,7 @@ from exchange.config import Settings
 from exchange.hub import services
 from exchange.hub.broker import PREFIX as BROKER_PREFIX
 from exchange.hub.broker import Broker
-from exchange.hub.routes import dicomweb, fhir, idp, mpi, wellknown
+from exchange.hub.routes import access_codes, dicomweb, fhir, idp, mpi, shares, wellknown
 from exchange.web.app import finish
 from exchange.web.errors import FHIR_PREFIX
 
@@ -43,4 +43,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(fhir.router)
     app.include_router(wellknown.router)
     app.include_router(mpi.router)
+    app.include_router(access_codes.router)
+    app.include_router(shares.router)
     return finish(app, lambda _path: settings.max_body_bytes, built.checks)

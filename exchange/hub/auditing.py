@@ -8,6 +8,7 @@ Refusals are recorded the same way, just before the 403 goes out.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -97,18 +98,47 @@ def record(
     error: bool = False,
     interaction: Interaction | None = None,
 ) -> str:
-    """Write one AuditEvent durably; raises ``Unavailable`` when it cannot. ``error``: the
-    request was allowed but failed (a site down); ``interaction``: what a write did."""
-    event = build(
-        action=action,
-        who=who(principal, address, break_glass_reason),
-        what=what,
-        allowed=allowed,
-        observer=services.settings.base_url(),
-        decision=decision,
-        reason=reason if reason is not None else (decision.reason() if decision else None),
-        emergency=allowed and _emergency(decision),
-        error=error,
-        interaction=interaction,
-    )
-    return services.audit.record(event)
+    """Write the request's AuditEvent durably; raises ``Unavailable`` when it cannot.
+    ``error``: the request was allowed but failed (a site down); ``interaction``: what a
+    write did. A request about several people (a search whose results span patients) is
+    recorded as one AuditEvent per person, all in one transaction, so that what a patient
+    reads about themselves never names anyone else. Returns the first event's id."""
+    events = [
+        build(
+            action=action,
+            who=who(principal, address, break_glass_reason),
+            what=part,
+            allowed=allowed,
+            observer=services.settings.base_url(),
+            decision=decision,
+            reason=reason if reason is not None else (decision.reason() if decision else None),
+            emergency=allowed and _emergency(decision),
+            error=error,
+            interaction=interaction,
+        )
+        for part in _per_person(services, what)
+    ]
+    if len(events) == 1:
+        return services.audit.record(events[0])
+    return services.audit.record_many(events)[0]
+
+
+def _per_person(services: HubServices, what: What) -> list[What]:
+    """``what`` split by person: the ids the master patient index links stay together."""
+    if len(what.patients) <= 1:
+        return [what]
+    people: list[list[str]] = []
+    placed: dict[str, int] = {}
+    for pid in what.patients:
+        if pid in placed:
+            continue
+        group = [pid, *(p for p in services.facts.linked(services, pid) if p in what.patients)]
+        index = len(people)
+        people.append([])
+        for member in group:
+            if member not in placed:
+                placed[member] = index
+                people[index].append(member)
+    if len(people) == 1:
+        return [what]
+    return [dataclasses.replace(what, patients=tuple(group)) for group in people]

@@ -16,6 +16,8 @@ from exchange.database import WalCheckpointer, make_engine, ping
 from exchange.fhir.mpi import PatientIndex
 from exchange.fhir.repository import Repository, SqlRepository
 from exchange.hub.access import FactsCache
+from exchange.hub.accesscodes import AccessCodes, CodeKey, Limits, patient_access_issuer
+from exchange.hub.accesscodes import key_path as access_code_key_path
 from exchange.hub.consents import (
     ConsentSource,
     IndexConsentSource,
@@ -54,6 +56,8 @@ class HubServices:
     consents: ConsentSource
     #: The hash-chained audit trail (AuditEvents in the index, signed checkpoints).
     audit: AuditLog
+    #: Verified patient access codes (hashed, rate-limited) and their patient sessions.
+    access_codes: AccessCodes
     #: Sites' Endpoints and patient links as decisions see them (seconds-long cache).
     facts: FactsCache = field(default_factory=FactsCache)
     #: Tokens already validated, until they expire.
@@ -172,6 +176,8 @@ def build(settings: Settings) -> HubServices:
         idp = devidp.DevIdentityProvider.open(data_dir, idp_issuer(settings), settings.audience)
         resolvers[idp.issuer] = static_resolver(idp.key.private.public_key())
     grant_key = keys.load_or_create(grant_key_path(settings))
+    # Patient sessions opened with an access code are signed by the hub's own key.
+    resolvers[patient_access_issuer(settings)] = static_resolver(grant_key.private.public_key())
     return HubServices(
         settings=settings,
         engine=engine,
@@ -188,4 +194,9 @@ def build(settings: Settings) -> HubServices:
         idp=idp,
         consents=_consent_source(settings, repository),
         audit=AuditLog(engine, repository, grant_key, issuer=settings.base_url()),
+        access_codes=AccessCodes(
+            engine,
+            CodeKey.load_or_create(access_code_key_path(data_dir)),
+            Limits.from_settings(settings),
+        ),
     )

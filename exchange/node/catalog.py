@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,13 +25,14 @@ from functools import lru_cache
 from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from pydicom.datadict import tag_for_keyword
-from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.valuerep import IS, DSfloat, PersonName
 from sqlalchemy import UniqueConstraint
 from sqlmodel import Field, SQLModel
 
+from exchange.dicom.part10 import raw_text
 from exchange.security.keystore import KeyStore
 
 #: Attributes kept (sealed) per instance, for QIDO answers and ImagingStudy building.
@@ -165,10 +167,45 @@ _FLOAT_VRS = frozenset({"DS", "FL", "FD"})
 
 
 @lru_cache(maxsize=8)
-def _tags(keywords: tuple[str, ...]) -> tuple[tuple[int, str], ...]:
+def _tags(keywords: tuple[str, ...]) -> tuple[tuple[int, str, str], ...]:
+    """(tag, JSON key, dictionary VR) of each keyword."""
     return tuple(
-        (tag, f"{tag:08X}") for tag in (tag_for_keyword(k) for k in keywords) if tag is not None
+        (tag, f"{tag:08X}", dictionary_VR(tag))
+        for tag in (tag_for_keyword(k) for k in keywords)
+        if tag is not None
     )
+
+
+_INTEGER = re.compile(r" *[+-]?[0-9]+")
+
+
+def _raw_json(raw: object, vr: str) -> dict[str, Any] | None:
+    """The DICOM JSON of a simple raw element without converting it; None if not simple.
+
+    What pydicom's conversion then ``to_json_dict`` would give: US from its two bytes,
+    the string VRs through ``part10.raw_text`` (an empty value has no ``Value``).
+    """
+    if vr == "US":
+        if (
+            type(raw) is RawDataElement
+            and raw.VR in (None, "US")
+            and type(raw.value) is bytes
+            and len(raw.value) == 2
+        ):
+            value = int.from_bytes(raw.value, "little" if raw.is_little_endian else "big")
+            return {"vr": vr, "Value": [value]}
+        return None
+    text = raw_text(raw, vr)
+    if text is None:
+        return None
+    if not text:
+        return {"vr": vr}
+    if vr == "PN":
+        # Alphabetic only: with "=" (ideographic, phonetic) pydicom's own way.
+        return None if "=" in text else {"vr": vr, "Value": [{"Alphabetic": text}]}
+    if vr == "IS":
+        return {"vr": vr, "Value": [int(text)]} if _INTEGER.fullmatch(text) else None
+    return {"vr": vr, "Value": [text]}
 
 
 def _element_json(element: DataElement) -> dict[str, Any]:
@@ -205,10 +242,14 @@ def dicom_json(ds: Dataset, keywords: tuple[str, ...] = ALL_KEYWORDS) -> dict[st
     """The ``keywords`` present in ``ds`` as DICOM JSON (PS3.18 F.2).
 
     The same as pydicom's ``Dataset.to_json_dict`` of those elements (a unit test
-    holds them equal), without building a sub-dataset and its generic machinery.
+    holds them equal), without building a sub-dataset and its generic machinery, and
+    for simple values without converting the raw element at all.
     """
     result: dict[str, Any] = {}
-    for tag, key in _tags(keywords):
-        if tag in ds:
-            result[key] = _element_json(ds[tag])
+    for tag, key, vr in _tags(keywords):
+        raw = ds.get_item(tag, keep_deferred=True)
+        if raw is None:
+            continue
+        fast = _raw_json(raw, vr)
+        result[key] = fast if fast is not None else _element_json(ds[tag])
     return result

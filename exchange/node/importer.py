@@ -7,15 +7,20 @@ it. Nothing is silently dropped, and a re-run only reports "already present".
 
 from __future__ import annotations
 
+import io
+import itertools
+import os
+import queue
 import re
 import shutil
 import sys
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pydicom
 
@@ -98,6 +103,69 @@ def _quarantine(directory: Path, source: Path, reason: str) -> None:
 GROUP_FILES = 32
 
 
+#: A file up to this size is read whole into memory before it is parsed.
+IN_MEMORY_BYTES = 8 * 1024 * 1024
+#: Files read ahead of the parsing (each one in memory up to ``IN_MEMORY_BYTES``).
+READ_AHEAD = 8
+
+
+def _open(path: Path) -> BinaryIO:
+    """The file, in memory when small (as STOW-RS spools its parts).
+
+    pydicom asks a file for its position at every element, and each ``tell()`` of a
+    buffered file is an ``lseek`` system call: ~280 of them per CT slice.
+    """
+    with path.open("rb") as source:
+        if os.fstat(source.fileno()).st_size > IN_MEMORY_BYTES:
+            return path.open("rb")
+        return io.BytesIO(source.read())
+
+
+class _ReadAhead:
+    """The files opened and read by a thread of their own, in order, ahead of the parsing.
+
+    The parsing thread then never gives the GIL away for a system call: each time it
+    did (an open, a read), getting the GIL back from the blob writers took ~0.5 ms.
+    """
+
+    def __init__(self, files: list[Path]) -> None:
+        self._queue: queue.Queue[tuple[Path, BinaryIO | OSError] | None] = queue.Queue(READ_AHEAD)
+        self._stopping = False
+        self._thread = threading.Thread(
+            target=self._run, args=(files,), name="import-reader", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, files: list[Path]) -> None:
+        try:
+            for path in files:
+                if self._stopping:
+                    return
+                try:
+                    opened: BinaryIO | OSError = _open(path)
+                except OSError as exc:
+                    opened = exc
+                self._queue.put((path, opened))
+        finally:
+            self._queue.put(None)
+
+    def __iter__(self) -> Iterator[tuple[Path, BinaryIO | OSError]]:
+        while (item := self._queue.get()) is not None:
+            yield item
+
+    def close(self) -> None:
+        """Stop reading; close what was read and not taken."""
+        self._stopping = True
+        while self._thread.is_alive() or not self._queue.empty():
+            try:
+                item = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if item is not None and not isinstance(item[1], OSError):
+                item[1].close()
+        self._thread.join()
+
+
 def _reject(report: ImportReport, quarantine: Path, path: Path, reason: str) -> None:
     report.counts["rejected"] += 1
     report.rejected.append((path, reason))
@@ -114,15 +182,19 @@ def import_files(
     """Store ``files`` in groups of ``GROUP_FILES``; a file is reported only once durable."""
     report = ImportReport()
     bar = _progress(progress, len(files))
+    reader = _ReadAhead(files)
+    opened = iter(reader)
     try:
         for start in range(0, len(files), GROUP_FILES):
             group = files[start : start + GROUP_FILES]
             added: list[Path] = []
             with store.batch(tenant) as batch:
-                for path in group:
+                for path, source in itertools.islice(opened, len(group)):
+                    if isinstance(source, OSError):
+                        _reject(report, quarantine, path, _unreadable(source))
+                        continue
                     try:
-                        with path.open("rb") as source:
-                            batch.add(source)
+                        batch.add(source)  # the batch closes it
                         added.append(path)
                     except InvalidInstance as exc:
                         _reject(report, quarantine, path, exc.message)
@@ -148,6 +220,7 @@ def import_files(
                     bar[1], advance=len(group), status=f"{report.counts['rejected']} rejected"
                 )
     finally:
+        reader.close()
         if bar is not None:
             bar[0].stop()
     return report

@@ -11,8 +11,11 @@ another's, and nothing identifying is stored in clear (see ``catalog``).
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import io
+import mmap
 import os
 import shutil
 import sys
@@ -31,7 +34,7 @@ from typing import Any, BinaryIO
 
 import pydicom
 from pydicom.dataset import Dataset
-from sqlalchemy import Connection, Engine, Table
+from sqlalchemy import Connection, Engine, Table, bindparam
 from sqlalchemy import delete as sa_delete
 from sqlalchemy import insert as sa_insert
 from sqlalchemy import select as sa_select
@@ -55,10 +58,22 @@ from exchange.security.keystore import KeyStore
 CHUNK = 1024 * 1024
 #: Above this, a decrypted instance spooled for pixel decoding spills to an anonymous temp file.
 SPOOL_IN_MEMORY = 64 * 1024 * 1024
-#: Blob fdatasyncs run in this many threads, overlapping with the next instance's work.
-FSYNC_THREADS = 4
+#: Threads that write blobs (read, hash, encrypt, write, fdatasync). SHA-256, AES-GCM and
+#: the I/O release the GIL, so they run beside the parsing of the next instances.
+WRITER_THREADS = int(os.environ.get("H4_WT", "4"))
+#: Blobs of one batch being written at once: bounds the memory their sources hold.
+IN_FLIGHT = int(os.environ.get("H4_IF", "4"))
 _POOL_LOCK = threading.Lock()
 _TABLE: Table = InstanceRow.__table__  # type: ignore[attr-defined]
+#: Built once: compiling a statement per group cost more than running it.
+_LOOKUP = sa_select(_TABLE.c.sop_key, _TABLE.c.id, _TABLE.c.sha256, _TABLE.c.blob).where(
+    _TABLE.c.tenant == bindparam("tenant"),
+    _TABLE.c.sop_key.in_(bindparam("sop_keys", expanding=True)),
+)
+#: Per writer thread: a plaintext and a ciphertext buffer, reused for every blob.
+_BUFFERS = threading.local()
+#: Direct I/O wants block-aligned memory, offsets and lengths: 4 KiB suits common devices.
+_ALIGN = 4096
 
 
 class Outcome(StrEnum):
@@ -124,6 +139,7 @@ class InstanceStore:
         self._max = max_instance_bytes
         self._pool: ThreadPoolExecutor | None = None
         self._known_dirs: set[Path] = set()
+        self._seals: dict[str, TenantSeal] = {}
         #: Called after a commit that put work in the outbox (wakes the publishing worker).
         self.on_outbox: Callable[[], None] | None = None
         blob_dir.mkdir(parents=True, exist_ok=True)
@@ -144,7 +160,11 @@ class InstanceStore:
         return removed
 
     def seal(self, tenant: str) -> TenantSeal:
-        return TenantSeal.of(self._keys, tenant)
+        """The tenant's blind-index and sealing keys (derived once, then kept like its key)."""
+        seal = self._seals.get(tenant)
+        if seal is None:
+            seal = self._seals[tenant] = TenantSeal.of(self._keys, tenant)
+        return seal
 
     def _outbox_changed(self) -> None:
         if self.on_outbox is not None:
@@ -199,10 +219,10 @@ class InstanceStore:
         """Store several instances with one directory fsync and one index transaction."""
         return StoreBatch(self, tenant)
 
-    def _fsync_pool(self) -> ThreadPoolExecutor:
+    def _writers(self) -> ThreadPoolExecutor:
         with _POOL_LOCK:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="blob-fsync")
+                self._pool = ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="blob-writer")
             return self._pool
 
     def _blob_directory(self, tenant: str, touched: set[Path]) -> tuple[Path, Path]:
@@ -221,14 +241,15 @@ class InstanceStore:
         return relative, directory
 
     def _lookup(self, tenant: str, sop_key: str) -> _Existing | None:
-        table = _TABLE
+        return self._lookup_many(tenant, [sop_key]).get(sop_key)
+
+    def _lookup_many(self, tenant: str, sop_keys: list[str]) -> dict[str, _Existing]:
+        """The index rows already holding any of ``sop_keys``, by key: one query."""
+        if not sop_keys:
+            return {}
         with self._engine.connect() as connection:
-            found = connection.execute(
-                sa_select(table.c.id, table.c.sha256, table.c.blob).where(
-                    table.c.tenant == tenant, table.c.sop_key == sop_key
-                )
-            ).first()
-        return None if found is None else _Existing(found[0], found[1], found[2])
+            found = connection.execute(_LOOKUP, {"tenant": tenant, "sop_keys": sop_keys})
+            return {row[0]: _Existing(row[1], row[2], row[3]) for row in found}
 
     @staticmethod
     def _existing(digest: str, existing_digest: str) -> Outcome:
@@ -251,52 +272,6 @@ class InstanceStore:
             header.sop_class_uid,
             not header.preamble_was_clean,
         )
-
-    @staticmethod
-    def _sanitised_chunks(source: BinaryIO) -> Iterator[bytes]:
-        source.seek(0)
-        source.read(PREAMBLE_LENGTH)
-        yield ZERO_PREAMBLE
-        while chunk := source.read(CHUNK):
-            yield chunk
-
-    def _digest(self, source: BinaryIO) -> str:
-        digest = hashlib.sha256()
-        for chunk in self._sanitised_chunks(source):
-            digest.update(chunk)
-        return digest.hexdigest()
-
-    def _encrypt_to_temp(
-        self, directory: Path, source: BinaryIO, tenant: str, aad: bytes
-    ) -> tuple[Path, str, Future[None]]:
-        """Encrypt into a new temp file, hashing the plaintext on the way.
-
-        Returns the temp file, the SHA-256 and the pending fdatasync of the file
-        (done in a small pool, so the disk works while the next instance is prepared).
-        """
-        fd, name = tempfile.mkstemp(dir=directory, prefix=".incoming-", suffix=".tmp")
-        tmp = Path(name)
-        digest = hashlib.sha256()
-
-        def hashed() -> Iterator[bytes]:
-            for chunk in self._sanitised_chunks(source):
-                digest.update(chunk)
-                yield chunk
-
-        try:
-            raw = os.fdopen(fd, "wb")
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        try:
-            envelope.encrypt(hashed(), raw, self._keys, tenant, aad)
-            raw.flush()
-        except BaseException:
-            raw.close()
-            tmp.unlink(missing_ok=True)
-            raise
-        return tmp, digest.hexdigest(), self._fsync_pool().submit(_sync_and_close, raw)
 
     # -- reading -------------------------------------------------------------
     def _row(self, tenant: str, sop_key: str) -> InstanceRow | None:
@@ -373,6 +348,19 @@ class InstanceStore:
                 raw, self._keys, tenant, associated_data(tenant, sop_uid)
             )
             yield io.BufferedReader(envelope.DecryptingReader(chunks), CHUNK)
+
+    def chunks(self, view: InstanceView) -> Iterator[bytes]:
+        """The stored (sanitised) instance of an index row, decrypted ~1 MiB at a time.
+
+        For streaming many instances: no index query per instance, no copy through a
+        file object. The blob's tag is checked after its last chunk (``DamagedBlob``),
+        so a streaming caller must abort then.
+        """
+        tenant = view.row.tenant
+        with (self._blob_dir / view.row.blob).open("rb", buffering=0) as raw:
+            yield from envelope.decrypt_chunks(
+                raw, self._keys, tenant, associated_data(tenant, view.sop_uid)
+            )
 
     def copy_out(self, tenant: str, sop_uid: str, destination: BinaryIO) -> None:
         with self.open(tenant, sop_uid) as plain:
@@ -463,11 +451,184 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _sync_and_close(raw: BinaryIO) -> None:
+def _buffers() -> tuple[memoryview, memoryview]:
+    """This thread's plaintext and ciphertext buffers (fresh 1 MiB buffers per blob cost
+    more in page faults than the AES-GCM itself). The ciphertext buffer is an anonymous
+    mapping, so page-aligned as direct I/O wants."""
+    pair: tuple[memoryview, memoryview] | None = getattr(_BUFFERS, "pair", None)
+    if pair is None:
+        cipher = mmap.mmap(-1, CHUNK + 4 * _ALIGN)
+        pair = _BUFFERS.pair = (memoryview(bytearray(CHUNK)), memoryview(cipher))
+    return pair
+
+
+class _BlobFile:
+    """A blob's bytes gathered in the writer's aligned buffer and written out with
+    ``O_DIRECT`` where the file system allows it.
+
+    The blob is fdatasynced before it counts anyway, so going through the page cache
+    only added a copy of every byte (the largest single cost of a writer here) and a
+    write-back. Direct I/O wants whole aligned blocks: the last one is padded with
+    zeros, then the file is truncated to its true size. Where ``O_DIRECT`` is refused,
+    it is plain buffered writes.
+    """
+
+    def __init__(self, fd: int, buffer: memoryview) -> None:
+        self._fd = fd
+        self._buffer = buffer
+        self._used = 0
+        self._size = 0
+        self._direct = _enable_direct_io(fd)
+
+    def room(self) -> memoryview:
+        return self._buffer[self._used :]
+
+    def advance(self, count: int) -> None:
+        """``count`` bytes were put at the start of ``room()``: write out whole blocks."""
+        self._used += count
+        self._size += count
+        if self._used >= _ALIGN:
+            whole = self._used - self._used % _ALIGN if self._direct else self._used
+            self._write(whole)
+            rest = self._used - whole
+            self._buffer[:rest] = self._buffer[whole : self._used]
+            self._used = rest
+
+    def put(self, data: bytes) -> None:
+        self.room()[: len(data)] = data
+        self.advance(len(data))
+
+    def close(self) -> None:
+        """Write what is left, cut the padding off, fdatasync."""
+        if self._direct:
+            padded = -(-self._used // _ALIGN) * _ALIGN
+            self._buffer[self._used : padded] = bytes(padded - self._used)
+            self._write(padded)
+            os.ftruncate(self._fd, self._size)
+        else:
+            self._write(self._used)
+        self._used = 0
+        os.fdatasync(self._fd)
+
+    def _write(self, length: int) -> None:
+        view = self._buffer[:length]
+        while view:
+            try:
+                view = view[os.write(self._fd, view) :]
+            except OSError as exc:
+                # Accepted at open, refused at the first write (some file systems): go buffered.
+                if not (self._direct and exc.errno == errno.EINVAL):
+                    raise
+                _disable_direct_io(self._fd)
+                self._direct = False
+
+
+def _enable_direct_io(fd: int) -> bool:
+    direct = getattr(os, "O_DIRECT", 0)
+    if not direct:
+        return False
     try:
-        os.fdatasync(raw.fileno())
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | direct)
+    except OSError:
+        return False
+    return True
+
+
+def _disable_direct_io(fd: int) -> None:
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~getattr(os, "O_DIRECT", 0))
+
+
+def _sanitised(source: BinaryIO, view: memoryview) -> Iterator[memoryview]:
+    """The instance in ``source`` with its preamble zeroed, read piece by piece into ``view``.
+
+    Each piece is only valid until the next one is produced.
+    """
+    readinto = getattr(source, "readinto", None)
+    source.seek(0)
+    position = 0
+    while True:
+        if readinto is not None:
+            count = readinto(view) or 0
+        else:  # a file object without readinto: one copy more
+            data = source.read(len(view))
+            count = len(data)
+            view[:count] = data
+        if not count:
+            return
+        piece = view[:count]
+        if position < PREAMBLE_LENGTH:
+            end = min(count, PREAMBLE_LENGTH - position)
+            piece[:end] = ZERO_PREAMBLE[position : position + end]
+        position += count
+        yield piece
+
+
+def _hash(source: BinaryIO) -> str:
+    """SHA-256 of the sanitised instance (a duplicate's check: rare, so its own buffer)."""
+    digest = hashlib.sha256()
+    for piece in _sanitised(source, memoryview(bytearray(CHUNK))):
+        digest.update(piece)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class _Blob:
+    """What a blob writer needs; everything random and every system call is done there.
+
+    The thread that parses instances then never gives the GIL away (and waits to get
+    it back from the writers) in the middle of an instance.
+    """
+
+    keys: KeyStore
+    tenant: str
+    seal: TenantSeal
+    directory: Path
+    sop_uid: str
+    sop_key: str
+    attributes: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Written:
+    """A blob written to its temp file and fdatasynced, not yet renamed into place."""
+
+    tmp: Path
+    name: str
+    digest: str
+    #: the index row's sealed attributes
+    attributes: bytes
+
+
+def _write_blob(source: BinaryIO, blob: _Blob) -> _Written:
+    """Sanitise, hash and encrypt ``source`` into a new temp file in one pass, fdatasync it.
+
+    Runs in a writer thread and closes ``source``; on failure the temp file is removed.
+    """
+    try:
+        sealed = blob.seal.seal(blob.attributes, blob.sop_key)
+        sealer = envelope.Sealer(blob.keys, blob.tenant, associated_data(blob.tenant, blob.sop_uid))
+        fd, name = tempfile.mkstemp(dir=blob.directory, prefix=".incoming-", suffix=".tmp")
+    except BaseException:
+        source.close()
+        raise
+    tmp = Path(name)
+    try:
+        plain, cipher = _buffers()
+        out = _BlobFile(fd, cipher)
+        digest = hashlib.sha256()
+        out.put(sealer.prefix)
+        for piece in _sanitised(source, plain):
+            digest.update(piece)
+            out.advance(sealer.update_into(piece, out.room()))
+        out.put(sealer.finalize())
+        out.close()
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     finally:
-        raw.close()
+        os.close(fd)
+        source.close()
+    return _Written(tmp, f"{uuid.uuid4().hex}.enc", digest.hexdigest(), sealed)
 
 
 @dataclass(frozen=True)
@@ -481,33 +642,57 @@ class _Existing:
 
 @dataclass
 class _Pending:
-    """An instance of a batch whose blob is written (or not needed) but not yet indexed."""
+    """An instance of a batch whose blob is being written (or not needed), not yet indexed."""
 
     result: StoreResult
     sop_key: str
-    digest: str
+    #: SHA-256 of the sanitised instance, when known without its writer
+    digest: str | None = None
     #: column values of its index row; None when nothing is to be inserted
     row: dict[str, Any] | None = None
-    tmp: Path | None = None
+    #: the tenant's blob directory, relative to the store and absolute
+    relative_dir: Path | None = None
+    directory: Path | None = None
+    #: the blob writer, then what it wrote
+    job: Future[_Written] | None = None
+    written: _Written | None = None
+    #: the blob once renamed into place
     target: Path | None = None
-    synced: Future[None] | None = None
     #: the row it replaces (tenant policy "replace")
     replaces: _Existing | None = None
     #: an earlier instance of this batch with the same SOP Instance UID, resolved with it
     same_as: _Pending | None = None
     error: BaseException | None = None
 
+    def wait(self) -> _Written:
+        """What the writer wrote, waiting for it if need be (raises what it raised)."""
+        if self.written is None:
+            assert self.job is not None
+            job, self.job = self.job, None
+            self.written = job.result()
+        return self.written
+
+    def content_digest(self) -> str:
+        return self.digest if self.digest is not None else self.wait().digest
+
 
 class StoreBatch:
     """Instances stored together: per-instance validation, group durability.
 
-    ``add`` validates one instance, encrypts it into a temp file and starts its
-    fdatasync; a bad instance raises there and leaves nothing behind. ``commit``
-    waits for the data fsyncs, renames the blobs into place, fsyncs each touched
-    directory once, then inserts every index row in ONE transaction (itself durable,
-    ``synchronous=FULL``) and only then returns the results: nothing is acknowledged
-    before it is durable. If that transaction fails, the rows are retried one by
-    one, so one instance never costs the others; blobs left without a row are removed.
+    ``add`` validates one instance and hands it to a writer thread, which encrypts it
+    into a temp file and fdatasyncs it while the caller goes on with the next one; a bad
+    instance raises there and leaves nothing behind. ``commit`` waits for the writers,
+    then checks the whole group against the index in one query (an instance stored
+    before is "already present", or a conflict), renames the new blobs into place,
+    fsyncs each touched directory once, inserts every index row in ONE transaction
+    (itself durable, ``synchronous=FULL``) and only then returns the results: nothing
+    is acknowledged before it is durable. If that transaction fails, the rows are
+    retried one by one, so one instance never costs the others; blobs left without a
+    row are removed.
+
+    Checking the index at commit rather than per instance means an instance sent
+    again is encrypted and written before it is found present (and its blob dropped):
+    re-sending costs some I/O, first sending (the usual case) costs one query per group.
     """
 
     def __init__(self, store: InstanceStore, tenant: str) -> None:
@@ -517,6 +702,7 @@ class StoreBatch:
         self._pending: list[_Pending] = []
         self._by_key: dict[str, _Pending] = {}
         self._touched: set[Path] = set()
+        self._slots = threading.Semaphore(IN_FLIGHT)
 
     def __enter__(self) -> StoreBatch:
         return self
@@ -527,12 +713,31 @@ class StoreBatch:
     def __len__(self) -> int:
         return len(self._pending)
 
-    def add(self, source: BinaryIO, header: InstanceHeader | None = None) -> int:
-        """Validate and prepare one instance; its index in ``commit()``'s results.
+    def ready(self) -> bool:
+        """Whether ``add`` would start writing at once, without waiting for a writer
+        (an event loop calls ``add`` itself only then)."""
+        if not self._slots.acquire(blocking=False):
+            return False
+        self._slots.release()
+        return True
 
-        Raises ``InvalidInstance`` (or an unexpected error) for this instance only.
-        ``source`` is not used after this returns.
+    def add(self, source: BinaryIO, header: InstanceHeader | None = None) -> int:
+        """Validate one instance and start writing it; its index in ``commit()``'s results.
+
+        Raises ``InvalidInstance`` (or an unexpected error) for this instance only. The
+        batch takes ``source`` over: a writer thread may read it after this returns, and
+        it is closed once no longer needed (also when this raises).
         """
+        handed_over = False
+        try:
+            index, handed_over = self._add(source, header)
+            return index
+        finally:
+            if not handed_over:
+                source.close()
+
+    def _add(self, source: BinaryIO, header: InstanceHeader | None) -> tuple[int, bool]:
+        """The instance's index, and whether a writer took ``source`` over."""
         store, tenant, seal = self._store, self._tenant, self._seal
         source.seek(0, os.SEEK_END)
         size = source.tell()
@@ -544,74 +749,68 @@ class StoreBatch:
         if header is None:
             header = read_header(source)
         sop_key = seal.blind("sop", header.sop_uid)
+        outcome = Outcome.STORED
         earlier = self._by_key.get(sop_key)
-        existing = None
-        if earlier is None:
-            existing = store._lookup(tenant, sop_key)
-        replace = tenant in store._replace
-        known_digest = earlier.digest if earlier is not None else None
-        if known_digest is None and existing is not None:
-            known_digest = existing.sha256
-        if known_digest is not None:
-            digest = store._digest(source)
-            if digest == known_digest or not replace:
-                outcome = store._existing(digest, known_digest)
+        if earlier is not None:  # the same SOP instance twice in this batch (rare)
+            known = earlier.content_digest()
+            digest = _hash(source)
+            if digest == known or tenant not in store._replace:
+                outcome = store._existing(digest, known)
                 pending = _Pending(
                     store._result(outcome, tenant, header), sop_key, digest, same_as=earlier
                 )
-                return self._append(pending, register=False)
-        relative_dir, directory = store._blob_directory(tenant, self._touched)
-        tmp, digest, synced = store._encrypt_to_temp(
-            directory, source, tenant, associated_data(tenant, header.sop_uid)
-        )
-        try:
-            name = f"{uuid.uuid4().hex}.enc"
-            attributes = dicom_json(header.dataset)
-            attributes["00020010"] = {"vr": "UI", "Value": [header.transfer_syntax_uid]}
-            accession = header.dataset.get("AccessionNumber")
-            row = {
-                "tenant": tenant,
-                "study_key": seal.blind("study", header.study_uid),
-                "series_key": seal.blind("series", header.series_uid),
-                "sop_key": sop_key,
-                "patient_key": seal.blind("patient", header.patient_id),
-                "accession_key": seal.blind("accession", str(accession)) if accession else None,
-                "study_date": header.study_date[:8] if header.study_date else None,
-                "modality": header.modality,
-                "series_number": header.series_number,
-                "instance_number": header.instance_number,
-                "transfer_syntax_uid": header.transfer_syntax_uid,
-                "size": size,
-                "sha256": digest,
-                "blob": str(relative_dir / name),
-                "preamble_sanitised": not header.preamble_was_clean,
-                "stored_at": datetime.now(UTC),
-                "attributes": seal.seal(attributes, sop_key),
-            }
-        except BaseException:
-            _abandon(synced, tmp)
-            raise
-        outcome = Outcome.STORED
-        replaces = None
-        if earlier is not None:  # replace policy, different content, same batch
-            earlier.row, earlier.replaces, replaces = None, None, earlier.replaces
-            if earlier.synced is not None and earlier.tmp is not None:
-                _abandon(earlier.synced, earlier.tmp)
-                earlier.synced = earlier.tmp = None
+                return self._append(pending, register=False), False
+            # replace policy, different content: this one is stored instead of the earlier
+            earlier.row = None
+            if earlier.job is not None:
+                _abandon(earlier.job)
+                earlier.job = None
+            elif earlier.written is not None:
+                earlier.written.tmp.unlink(missing_ok=True)
             outcome = Outcome.REPLACED
-        elif existing is not None:
-            replaces, outcome = existing, Outcome.REPLACED
+        relative_dir, directory = store._blob_directory(tenant, self._touched)
+        attributes = dicom_json(header.dataset)
+        attributes["00020010"] = {"vr": "UI", "Value": [header.transfer_syntax_uid]}
+        accession = header.accession
+        row = {
+            "tenant": tenant,
+            "study_key": seal.blind("study", header.study_uid),
+            "series_key": seal.blind("series", header.series_uid),
+            "sop_key": sop_key,
+            "patient_key": seal.blind("patient", header.patient_id),
+            "accession_key": seal.blind("accession", accession) if accession else None,
+            "study_date": header.study_date[:8] if header.study_date else None,
+            "modality": header.modality,
+            "series_number": header.series_number,
+            "instance_number": header.instance_number,
+            "transfer_syntax_uid": header.transfer_syntax_uid,
+            "size": size,
+            "preamble_sanitised": not header.preamble_was_clean,
+            "stored_at": datetime.now(UTC),
+            # sha256, blob and attributes: from the writer, at commit
+        }
+        blob = _Blob(store._keys, tenant, seal, directory, header.sop_uid, sop_key, attributes)
         pending = _Pending(
             store._result(outcome, tenant, header),
             sop_key,
-            digest,
             row=row,
-            tmp=tmp,
-            target=directory / name,
-            synced=synced,
-            replaces=replaces,
+            relative_dir=relative_dir,
+            directory=directory,
+            job=self._start_writing(source, blob),
         )
-        return self._append(pending, register=True)
+        return self._append(pending, register=True), True
+
+    def _start_writing(self, source: BinaryIO, blob: _Blob) -> Future[_Written]:
+        """Hand ``source`` to a writer thread; waits while ``IN_FLIGHT`` of this batch's
+        blobs are being written (bounds the memory their sources hold)."""
+        self._slots.acquire()
+        try:
+            job = self._store._writers().submit(_write_blob, source, blob)
+        except BaseException:
+            self._slots.release()
+            raise
+        job.add_done_callback(lambda _job: self._slots.release())
+        return job
 
     def _append(self, pending: _Pending, *, register: bool) -> int:
         self._pending.append(pending)
@@ -624,7 +823,7 @@ class StoreBatch:
         pending, self._pending, self._by_key = self._pending, [], {}
         writing = [p for p in pending if p.row is not None]
         try:
-            writing = self._make_blobs_durable(writing)
+            writing = self._make_blobs_durable(self._settle(writing))
             self._insert(writing)
         except BaseException as exc:
             for item in writing:
@@ -643,33 +842,70 @@ class StoreBatch:
     def discard(self) -> None:
         """Drop what was added and not committed (their temp files are removed)."""
         for item in self._pending:
-            if item.synced is not None and item.tmp is not None:
-                _abandon(item.synced, item.tmp)
+            self._remove_blob(item)
         self._pending, self._by_key = [], {}
 
     # -- internals -------------------------------------------------------------
-    def _make_blobs_durable(self, writing: list[_Pending]) -> list[_Pending]:
-        """Wait for the data fsyncs, rename, fsync each touched directory once.
+    def _settle(self, writing: list[_Pending]) -> list[_Pending]:
+        """Wait for the writers, then sort out against the index what is already there.
 
+        Same content stored before: "already present", its new blob dropped. Different
+        content: a conflict, or a replacement under the tenant's "replace" policy.
         An instance whose blob could not be written fails alone; the others go on.
         """
+        written = []
+        for item in writing:
+            try:
+                item.wait()
+            except Exception as exc:
+                item.error = exc
+                continue
+            written.append(item)
+        found = self._store._lookup_many(self._tenant, [item.sop_key for item in written])
+        new = []
+        for item in written:
+            assert item.written is not None
+            existing = found.get(item.sop_key)
+            if existing is not None:
+                try:
+                    outcome = self._store._existing(item.written.digest, existing.sha256)
+                except InvalidInstance as exc:
+                    if self._tenant not in self._store._replace:
+                        item.error = exc
+                        self._remove_blob(item)
+                        continue
+                    item.replaces, outcome = existing, Outcome.REPLACED
+                if outcome is Outcome.ALREADY_PRESENT:
+                    item.result = replace(item.result, outcome=outcome)
+                    self._remove_blob(item)
+                    item.row = None
+                    continue
+                item.result = replace(item.result, outcome=outcome)
+            new.append(item)
+        return new
+
+    def _make_blobs_durable(self, writing: list[_Pending]) -> list[_Pending]:
+        """Rename the blobs into place, fsync each touched directory once (deepest first:
+        a new directory's own entry is made durable after its contents)."""
         durable = []
         for item in writing:
-            assert item.synced is not None
-            assert item.tmp is not None
-            assert item.target is not None
+            assert item.row is not None
+            assert item.written is not None
+            assert item.directory is not None
+            assert item.relative_dir is not None
+            target = item.directory / item.written.name
             try:
-                item.synced.result()
-                item.synced = None
-                os.replace(item.tmp, item.target)
-                item.tmp = None
+                os.replace(item.written.tmp, target)
             except Exception as exc:
                 self._remove_blob(item)
                 item.error = exc
                 continue
-            self._touched.add(item.target.parent)
+            item.target = target
+            item.row["sha256"] = item.written.digest
+            item.row["blob"] = str(item.relative_dir / item.written.name)
+            item.row["attributes"] = item.written.attributes
+            self._touched.add(item.directory)
             durable.append(item)
-        # Deepest first: a new directory's own entry is made durable after its contents.
         for directory in sorted(self._touched, key=lambda d: len(d.parts), reverse=True):
             _fsync_dir(directory)
         return durable
@@ -722,7 +958,7 @@ class StoreBatch:
                     item.error = RuntimeError("the index refused the instance's row")
                     continue
                 try:
-                    outcome = self._store._existing(item.digest, winner.sha256)
+                    outcome = self._store._existing(item.content_digest(), winner.sha256)
                 except InvalidInstance as exc:
                     item.error = exc
                     continue
@@ -741,18 +977,27 @@ class StoreBatch:
 
     @staticmethod
     def _remove_blob(item: _Pending) -> None:
-        if item.synced is not None and item.tmp is not None:
-            _abandon(item.synced, item.tmp)
-        for path in (item.tmp, item.target):
-            if path is not None:
-                path.unlink(missing_ok=True)
-        item.synced = item.tmp = None
+        """Remove the instance's blob wherever it is: being written, written, or in place."""
+        if item.job is not None:
+            written = _abandon(item.job)
+            item.job = None
+            if written is not None:
+                item.written = written
+        if item.written is not None and item.target is None:
+            item.written.tmp.unlink(missing_ok=True)
+        if item.target is not None:
+            item.target.unlink(missing_ok=True)
+            item.target = None
 
 
-def _abandon(synced: Future[None], tmp: Path) -> None:
-    with contextlib.suppress(Exception):
-        synced.result()
-    tmp.unlink(missing_ok=True)
+def _abandon(job: Future[_Written]) -> _Written | None:
+    """Wait for a writer whose blob is not wanted; remove its temp file."""
+    try:
+        written = job.result()
+    except Exception:
+        return None  # the writer removed its temp file
+    written.tmp.unlink(missing_ok=True)
+    return written
 
 
 def _durable_commits(connection: Connection) -> None:

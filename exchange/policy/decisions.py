@@ -23,7 +23,9 @@ from typing import Any, Literal, get_args
 
 from exchange.policy.engine import PolicyEngine, PolicyError
 
-Action = Literal["search", "read", "view", "export", "share", "write-consent", "read-audit"]
+Action = Literal[
+    "search", "read", "view", "export", "share", "revoke-share", "write-consent", "read-audit"
+]
 ACTIONS: tuple[Action, ...] = get_args(Action)
 
 DECISION_RULE = "data.exchange.access.decision"

@@ -75,6 +75,7 @@ def test_capability_statement(federation):
         "Endpoint",
         "Consent",
         "AuditEvent",
+        "Provenance",
     } == served
 
 

@@ -163,7 +163,7 @@ def test_explain_with_claims_and_consents(
         "view of study s1 by dr-bo (clinician; organisation site-b; purpose TREAT): REFUSED" in out
     )
     assert "- the patient has opted out of sharing their images" in out
-    assert "policy version 0.3.0+" in out
+    assert "policy version 0.4.0+" in out
     assert main(argv) == 0
     assert "ALLOWED" in capsys.readouterr().out
 

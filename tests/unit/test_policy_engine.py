@@ -69,7 +69,7 @@ def test_version_is_a_hash_of_the_bundle(policies: Path):
 def test_decisions_name_the_version(policies: Path):
     engine = EmbeddedEngine(policies)
     decision = decide(engine, VIEW)
-    assert decision.policy_version == f"0.3.0+{engine.version}"
+    assert decision.policy_version == f"0.4.0+{engine.version}"
 
 
 # -- reloading --------------------------------------------------------------------------------
@@ -103,7 +103,7 @@ def test_other_threads_get_the_new_version(policies: Path, fast_reload: None):
         _set_mode(policies, "opt-in")
         answers = list(pool.map(lambda _: decide(engine, VIEW), range(8)))
     assert not any(d.allow for d in answers)
-    assert {d.policy_version for d in answers} == {f"0.3.0+{engine.version}"}
+    assert {d.policy_version for d in answers} == {f"0.4.0+{engine.version}"}
 
 
 def test_a_broken_edit_keeps_the_last_good_policies(policies: Path, fast_reload: None):

@@ -175,6 +175,18 @@ PERMIT_OTHER_STUDY = consent(
         "data": [{"meaning": "instance", "reference": {"reference": "ImagingStudy/s9"}}],
     }
 )
+SHARE_WITH_C = consent(
+    {
+        "type": "permit",
+        "actor": [actor("Practitioner/dr-site-c")],
+        "action": [action("access")],
+        "purpose": purposes("TREAT"),
+        "period": {"start": "2026-05-20T09:00:00Z", "end": "2026-06-19T09:00:00Z"},
+        "data": [{"meaning": "instance", "reference": {"reference": "ImagingStudy/s1"}}],
+    },
+    policy=[{"uri": "urn:exchange:policy:provider-share"}],
+    performer=[{"reference": "Practitioner/dr-site-b"}],
+)
 
 
 # -- the table ------------------------------------------------------------------------------
@@ -402,7 +414,11 @@ ROWS = [
     Row("patient-exports-own", PATIENT_P1, "export", (), True, "patients may see and download"),
     Row("patient-not-others", PATIENT_P2, "view", (), False, "patients may only see their own"),
     Row("holder-shares", CLIN_A, "share", (), True, "may share it with another provider"),
-    Row("recipient-cannot-share-on", CLIN_B, "share", (PERMIT_B,), False, "cannot share it on"),
+    Row("consented-viewer-shares", CLIN_B, "share", (PERMIT_B,), True, "may view a study may"),
+    Row("recipient-views-share", CLIN_C, "view", (SHARE_WITH_C,), True, CONSENTED),
+    Row("recipient-cannot-share-on", CLIN_C, "share", (SHARE_WITH_C,), False, "shared further"),
+    Row("recipient-does-not-export", CLIN_C, "export", (SHARE_WITH_C,), False, NEEDS_EXPORT),
+    Row("non-viewer-cannot-share", CLIN_B, "share", (OPT_OUT,), False, "share studies you may"),
     Row("opted-out-not-shared", CLIN_A, "share", (OPT_OUT,), False, OPTED_OUT),
     Row("sensitive-not-shared-by-provider", CLIN_A, "share", (), False, "sensitive", ("PSY",)),
     Row("patient-writes-consent", PATIENT_P1, "write-consent", (), True, "record their own"),
@@ -446,7 +462,7 @@ def test_scenario(engine: PolicyEngine, row: Row):
     assert decision.allow is row.allow, decision.reasons
     assert any(row.reason in reason for reason in decision.reasons), decision.reasons
     assert tuple(o["code"] for o in decision.obligations) == row.obligations
-    assert decision.policy_version.startswith("0.3.0+")
+    assert decision.policy_version.startswith("0.4.0+")
     assert len(decision.input_digest) == 64
 
 
@@ -465,4 +481,4 @@ def test_both_engines_report_the_same_policy_version(embedded: EmbeddedEngine, s
     question = ROWS[0].question()
     here = decide(embedded, question)
     there = decide(ServerEngine(stub.url), question)
-    assert here.policy_version == there.policy_version == f"0.3.0+{embedded.version}"
+    assert here.policy_version == there.policy_version == f"0.4.0+{embedded.version}"

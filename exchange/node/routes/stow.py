@@ -1,12 +1,18 @@
 """DICOMweb STOW-RS on the node (PS3.18 §10.5): the site's systems store instances.
 
-The body streams through ``MultipartReader`` in ~1 MiB batches, handed through a small
-bounded queue to one worker thread per request, so receiving overlaps with storing.
-Each part is spooled (memory up to 8 MiB, then a temporary file in the node's data
-directory), validated and encrypted as soon as its closing delimiter arrives; parts
-are made durable and indexed in groups (``StoreBatch``), and the answer is sent only
+The body streams through ``MultipartReader`` in ~1 MiB batches. Each part is spooled
+(memory up to 8 MiB, then a temporary file in the node's data directory) and, as soon
+as its closing delimiter arrives, its header is validated right there on the event
+loop (~0.3 ms) and the part handed to the store's writer threads, which encrypt and
+fdatasync it while the next parts arrive. Parts are made durable and indexed in
+groups (``StoreBatch``, committed in a worker thread), and the answer is sent only
 once every group is committed. Every part gets its own result, so one bad instance
 never costs the others.
+
+Parsing on the loop rather than in a worker thread of its own: receiving and parsing
+both need the GIL, so a second Python thread only added GIL hand-offs (measured: ~15%
+fewer instances a second). When the writers are all busy, the next part waits in a
+worker thread, never on the loop.
 
 A body that breaks off or turns malformed is answered 400, and nothing after the
 break is stored; parts that were complete before it have been validated and stored
@@ -19,14 +25,12 @@ import json
 import logging
 import re
 import traceback
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
-import anyio.from_thread
 import anyio.to_thread
-from anyio.streams.memory import MemoryObjectReceiveStream
 from fastapi import APIRouter, Request
 from pydicom.dataset import Dataset
 from starlette.requests import ClientDisconnect
@@ -55,8 +59,6 @@ MULTIPART_RELATED = "multipart/related"
 REASON_STUDY_MISMATCH = 0xC409
 #: Body bytes handed to the parser at a time (DESIGN.md 3a: ~1 MiB chunks).
 BATCH_BYTES = 1024 * 1024
-#: Body batches received ahead of the worker: bounds a request's memory (~4 MiB queued).
-QUEUED_BATCHES = 4
 #: Parts made durable and indexed together (one directory fsync, one transaction).
 GROUP_PARTS = 32
 _UID = re.compile(r"[0-9][0-9.]{0,63}")
@@ -96,26 +98,29 @@ async def _stow(
     request: Request, services: NodeServices, tenant: str, study: str | None
 ) -> Response:
     boundary, declared = _boundary(request.headers.get("content-type"))
-    intake = _Intake(services, tenant, study, declared, boundary)
-    sender, receiver = anyio.create_memory_object_stream[bytes](QUEUED_BATCHES)
+    intake = _Intake(tenant, study, declared)
     disconnected = False
-
-    async def receive() -> None:
-        nonlocal disconnected
-        async with sender:
-            try:
-                async for batch in _batches(request.stream()):
-                    await sender.send(batch)
-            except ClientDisconnect:
-                disconnected = True
-            except anyio.BrokenResourceError:
-                pass  # the intake stopped at a malformed body: the rest is not read
-
     try:
-        async with anyio.create_task_group() as group:
-            group.start_soon(receive)
-            # One worker thread per request parses and stores while the body arrives.
-            await anyio.to_thread.run_sync(intake.run, receiver, lambda: disconnected)
+        with services.store.batch(tenant) as batch:
+            reader = MultipartReader(boundary, spool_dir=_spool_dir(services))
+            try:
+                try:
+                    async for chunk in _batches(request.stream()):
+                        for part in reader.feed(chunk):
+                            await intake.add(batch, part)
+                            if len(batch) >= GROUP_PARTS:
+                                await anyio.to_thread.run_sync(intake.commit, batch)
+                    reader.finish()
+                except ClientDisconnect:
+                    disconnected = True
+                finally:
+                    reader.close()
+            except MultipartError as exc:
+                intake.error = exc
+            finally:
+                # What was validated is stored, also if the request is being cancelled.
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(intake.commit, batch)
     finally:
         _log_outcome(tenant, intake.results)
     results = intake.results
@@ -130,61 +135,29 @@ async def _stow(
 
 
 class _Intake:
-    """The request's worker: multipart parsing, validation, and storing in batches.
+    """One request's parts: validation, storing in groups, and their results.
 
-    Each part is validated and encrypted as soon as its closing delimiter arrives;
-    its blob is made durable and its index row committed with up to ``GROUP_PARTS``
-    others (one directory fsync, one transaction). Results are only final, and the
-    answer only sent, once every part's group is committed.
+    Each part is validated and handed to a blob writer as soon as its closing
+    delimiter arrives; its blob is made durable and its index row committed with up
+    to ``GROUP_PARTS`` others (one directory fsync, one transaction). Results are only
+    final, and the answer only sent, once every part's group is committed.
     """
 
-    def __init__(
-        self,
-        services: NodeServices,
-        tenant: str,
-        study: str | None,
-        declared: str | None,
-        boundary: str,
-    ) -> None:
-        self.services, self.tenant, self.study, self.declared = services, tenant, study, declared
-        self.boundary = boundary
+    def __init__(self, tenant: str, study: str | None, declared: str | None) -> None:
+        self.tenant, self.study, self.declared = tenant, study, declared
         self.results: list[PartResult] = []
         self.error: MultipartError | None = None
         #: results[i] for a part added to the open batch: (index in results, header info)
         self._waiting: list[tuple[int, str, str]] = []
 
-    def run(
-        self,
-        receiver: MemoryObjectReceiveStream[bytes],
-        disconnected: Callable[[], bool],
-    ) -> None:
-        with receiver, self.services.store.batch(self.tenant) as batch:
-            try:
-                reader = MultipartReader(self.boundary, spool_dir=_spool_dir(self.services))
-                try:
-                    while True:
-                        try:
-                            chunk = anyio.from_thread.run(receiver.receive)
-                        except anyio.EndOfStream:
-                            break
-                        for part in reader.feed(chunk):
-                            self._add(batch, part)
-                            if len(batch) >= GROUP_PARTS:
-                                self._commit(batch)
-                    if not disconnected():
-                        reader.finish()
-                finally:
-                    reader.close()
-            except MultipartError as exc:
-                self.error = exc
-            finally:
-                self._commit(batch)
+    async def add(self, batch: StoreBatch, part: Part) -> None:
+        if batch.ready():
+            self._add(batch, part)
+        else:  # every writer busy: wait for one off the event loop
+            await anyio.to_thread.run_sync(self._add, batch, part)
 
     def _add(self, batch: StoreBatch, part: Part) -> None:
-        try:
-            result = _store_part(batch, self.study, part, self.declared)
-        finally:
-            part.close()
+        result = _store_part(batch, self.study, part, self.declared)
         if isinstance(result, Failure):
             self.results.append(result)
         else:
@@ -192,7 +165,7 @@ class _Intake:
             self._waiting.append((len(self.results), sop_class, sop))
             self.results.append(Failure(REASON_PROCESSING_FAILURE, "not committed"))
 
-    def _commit(self, batch: StoreBatch) -> None:
+    def commit(self, batch: StoreBatch) -> None:
         waiting, self._waiting = self._waiting, []
         if not waiting:
             return
@@ -254,28 +227,35 @@ def _store_part(
     """Validate one part and add it to ``batch``: its SOP Class and Instance UIDs, or why not.
 
     Every way it can fail becomes a ``Failure``. The header is read once, here, and
-    handed to the store.
+    handed to the store, which also takes the part's body over (a writer thread reads
+    it after this returns, then closes it); a part not handed over is closed here.
     """
-    # A part without a Content-Type is of the request's declared type (RFC 2387 "type").
-    kind = part.content_type or declared
-    if kind != DICOM:
-        return Failure(REASON_CANNOT_UNDERSTAND, "the part is not application/dicom")
+    handed_over = False
     try:
-        header = read_header(part.body)
-    except InvalidInstance as exc:
-        return Failure(exc.reason, exc.message)
-    sop_class, sop = header.sop_class_uid, header.sop_uid
-    if study is not None and header.study_uid != study:
-        return Failure(REASON_STUDY_MISMATCH, "Study Instance UID mismatch", sop_class, sop)
-    try:
-        batch.add(part.body, header)
-    except InvalidInstance as exc:
-        return Failure(exc.reason, exc.message, sop_class, sop)
-    except Exception as exc:  # a bug or a broken disk/database: say so, keep the other parts
-        _log_unexpected(exc)
-        message = "internal error storing this instance"
-        return Failure(REASON_PROCESSING_FAILURE, message, sop_class, sop, internal=True)
-    return sop_class, sop
+        # A part without a Content-Type is of the request's declared type (RFC 2387 "type").
+        kind = part.content_type or declared
+        if kind != DICOM:
+            return Failure(REASON_CANNOT_UNDERSTAND, "the part is not application/dicom")
+        try:
+            header = read_header(part.body)
+        except InvalidInstance as exc:
+            return Failure(exc.reason, exc.message)
+        sop_class, sop = header.sop_class_uid, header.sop_uid
+        if study is not None and header.study_uid != study:
+            return Failure(REASON_STUDY_MISMATCH, "Study Instance UID mismatch", sop_class, sop)
+        handed_over = True
+        try:
+            batch.add(part.body, header)
+        except InvalidInstance as exc:
+            return Failure(exc.reason, exc.message, sop_class, sop)
+        except Exception as exc:  # a bug or a broken disk/database: say so, keep the other parts
+            _log_unexpected(exc)
+            message = "internal error storing this instance"
+            return Failure(REASON_PROCESSING_FAILURE, message, sop_class, sop, internal=True)
+        return sop_class, sop
+    finally:
+        if not handed_over:
+            part.close()
 
 
 def _log_unexpected(exc: Exception) -> None:

@@ -27,7 +27,7 @@ from starlette.responses import Response, StreamingResponse
 from exchange.dicom import rendering
 from exchange.errors import BadRequest, NotAcceptable, NotFound
 from exchange.node.deps import ExportAccess, Services, ViewAccess
-from exchange.node.store import CHUNK, InstanceStore, InstanceView
+from exchange.node.store import InstanceStore, InstanceView
 
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
 
@@ -171,16 +171,20 @@ async def _stream(chunks: Generator[bytes, None, None], media_type: str) -> Stre
 
 
 def _instance_parts(
-    store: InstanceStore, tenant: str, views: Sequence[InstanceView], boundary: str
+    store: InstanceStore, views: Sequence[InstanceView], boundary: str
 ) -> Generator[bytes, None, None]:
     for index, view in enumerate(views):
         head = _part_head(
             boundary, f"{DICOM}; transfer-syntax={view.row.transfer_syntax_uid}", index == 0
         )
-        with store.open(tenant, view.sop_uid) as plain:
-            yield head + plain.read(CHUNK)
-            while chunk := plain.read(CHUNK):
-                yield chunk
+        # ``views`` came from the tenant's own index rows: each blob is read from its row,
+        # without another index query per instance.
+        for chunk in store.chunks(view):
+            if head:
+                chunk, head = head + chunk, b""
+            yield chunk
+        if head:  # an empty instance
+            yield head
     yield _closing(boundary)
 
 
@@ -372,7 +376,7 @@ async def _retrieve(
     stored = {v.row.transfer_syntax_uid for v in views}
     syntax = next(iter(stored)) if len(stored) == 1 else None
     return await _stream(
-        _instance_parts(services.store, tenant, views, boundary),
+        _instance_parts(services.store, views, boundary),
         _multipart_type(DICOM, syntax, boundary),
     )
 

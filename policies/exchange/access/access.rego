@@ -4,15 +4,18 @@
 #   input.subject   {id, role, organization, purpose_of_use[], patient, reason, studies[]}
 #                   reason = the stated reason for break-the-glass access; studies = the
 #                   studies (ids) a patient session from an access code covers, if any
-#   input.action    search | read | view | export | share | write-consent | read-audit
+#   input.action    search | read | view | export | share | revoke-share | write-consent |
+#                   read-audit
 #   input.resource  {type, study, uid, patient[] (linked ids too), custodian (holding
 #                   organisation), security_labels[], date (YYYY-MM-DD)}
 #   input.consents  [FHIR Consent resources about the patient, as stored]
 #   input.now       RFC 3339 instant (UTC) the decision is made at
+#   input.share     revoke-share only: the provider-share Consent to be revoked, as stored
 # HIE-wide settings come from data.exchange.settings (policies/data.json).
 #
 # Entry points: `decision` {allow, reasons[], obligations[], policy_version} for one
-# input; `decisions` for input.batch[] (a page of search candidates in one call).
+# input; `decisions` for input.batch[] (a page of search candidates in one call);
+# `sharing` {default_days, max_days} for the hub's `$share` (no input needed).
 #
 # Written for regorus' speed: alternatives are `else` chains (regorus evaluates every
 # body of a rule, but stops an else chain at the first that holds), and the consent
@@ -62,6 +65,24 @@ default share_roles := ["clinician"]
 
 share_roles := data.exchange.settings.share_roles
 
+# How long a provider share lasts when the sharer does not say, and at most.
+default share_default_days := 30
+
+share_default_days := data.exchange.settings.sharing.default_days
+
+default share_max_days := 90
+
+share_max_days := data.exchange.settings.sharing.max_days
+
+# What the hub's `$share` needs to know: periods, who may share, and the purposes a share
+# may not carry (emergency access is break-the-glass, never a share).
+sharing := {
+	"default_days": share_default_days,
+	"max_days": share_max_days,
+	"roles": share_roles,
+	"emergency_purposes": break_glass_purposes,
+}
+
 default consent_admin_roles := ["operator"]
 
 consent_admin_roles := data.exchange.settings.consent_admin_roles
@@ -106,7 +127,7 @@ policy_version := data.exchange.bundle.version if {
 
 # -- facts about the request --------------------------------------------------
 
-known_actions := {"search", "read", "view", "export", "share", "write-consent", "read-audit"}
+known_actions := {"search", "read", "view", "export", "share", "revoke-share", "write-consent", "read-audit"}
 
 viewing_actions := {"search", "read", "view"}
 
@@ -147,6 +168,13 @@ own_patient if {
 	session_covers_study
 }
 
+# The disclosures about a patient are theirs to read, whichever studies a session covers.
+own_records if {
+	role == "patient"
+	is_string(input.subject.patient)
+	input.subject.patient in input.resource.patient
+}
+
 # A patient session opened with an access code (input.subject.studies) covers only the
 # studies the code was issued for; a patient's own sign-in covers all of theirs.
 default session_covers_study := false
@@ -182,6 +210,11 @@ shared_by_default if {
 granted_by := study_grant if input.action in study_actions
 
 granted_by := share_grant if input.action == "share"
+
+granted_by := revoke_grant if {
+	input.action == "revoke-share"
+	is_object(input.share)
+}
 
 granted_by := consent_grant if input.action == "write-consent"
 
@@ -249,8 +282,12 @@ emergency_covers_sensitive if {
 	sensitive_covered
 }
 
-# A provider shares its study with another provider (writes a sharing Consent); a
-# recipient cannot share it on. Patients may share their own studies.
+# Provider sharing is one hop: a clinician who may view a study by any grant but a
+# provider share (holding it, the patient's consent, the HIE's default sharing) may share
+# it with another provider (the hub writes a provider-share Consent, which the consent
+# rules then read as a permit for the recipient); whoever holds it through a share cannot
+# share it on. Patients may share their own studies. Sensitive studies are shared only by
+# the patient's own consent.
 share_grant := "patient-share" if {
 	own_patient
 } else := "custodian-share" if {
@@ -258,6 +295,38 @@ share_grant := "patient-share" if {
 	role in share_roles
 	count(sensitive_labels) == 0
 	not data.exchange.consent.opted_out
+} else := "viewer-share" if {
+	role in share_roles
+	count(sensitive_labels) == 0
+	not share_recipient
+	viewing_grant in {"consent", "default"}
+}
+
+share_recipient if data.exchange.consent.received_share
+
+# The patient's own consents, without providers' shares: what a sharer's view is judged on.
+own_consents := [c | some c in input.consents; not data.exchange.consent.provider_share(c)]
+
+viewing_grant := grant if {
+	grant := study_grant with input.action as "view" with input.consents as own_consents
+}
+
+# Who may end a provider share (input.share): whoever made it, staff of the holding
+# organisation, the patient and HIE operators.
+revoke_grant := "sharer-revoke" if {
+	made_the_share
+} else := "custodian-revoke" if {
+	from_custodian
+	role in custodian_roles
+} else := "patient-revoke" if {
+	own_patient
+} else := "operator-revoke" if {
+	role in consent_admin_roles
+}
+
+made_the_share if {
+	some performer in input.share.performer
+	data.exchange.consent.refers_to(performer.reference, data.exchange.consent.caller_refs)
 }
 
 # Patients record their own consents; HIE operators keep the consent registry.
@@ -270,7 +339,7 @@ consent_grant := "patient-consent" if {
 # Patients read the disclosures about themselves, the holding organisation those
 # about its studies, HIE operators all of them.
 audit_grant := "audit" if {
-	own_patient
+	own_records
 } else := "audit" if {
 	from_custodian
 	role in custodian_roles
@@ -312,6 +381,11 @@ grounds := {
 	"operator": "HIE operators may find studies in the index, but not see their images",
 	"custodian-share": "the organisation that holds a study may share it with another provider",
 	"patient-share": "patients may share their own studies",
+	"viewer-share": "a clinician who may view a study may share it with another provider",
+	"sharer-revoke": "whoever shared a study may revoke the share",
+	"custodian-revoke": "the organisation that holds a study may revoke its shares",
+	"patient-revoke": "patients may revoke shares of their own studies",
+	"operator-revoke": "HIE operators keep the consent registry",
 	"patient-consent": "patients may record their own consent",
 	"operator-consent": "HIE operators keep the consent registry",
 	"audit": "this audit trail is open to the patient, the holding organisation and HIE operators",
@@ -323,6 +397,8 @@ refusals := malformed if {
 	input.action in study_actions
 } else := share_refusals if {
 	input.action == "share"
+} else := revoke_refusals if {
+	input.action == "revoke-share"
 } else := {"only the patient or an HIE operator can record a consent for this patient"} if {
 	input.action == "write-consent"
 } else := {"only the patient, the organisation that holds the study or an HIE operator can read this audit trail"}
@@ -391,6 +467,11 @@ unconsented contains lapse if {
 	some lapse in data.exchange.consent.lapsed
 }
 
+unconsented contains revoked if {
+	not data.exchange.consent.permitted
+	some revoked in data.exchange.consent.revoked_shares
+}
+
 not_shared_reason := "the patient has not consented to sharing their images with your organisation" if {
 	mode != "opt-out"
 } else := "no purpose of use was stated; without the patient's explicit consent images are shared only for treatment" if {
@@ -400,10 +481,25 @@ not_shared_reason := "the patient has not consented to sharing their images with
 	[concat(", ", sort(purposes))],
 )
 
-share_refusals := {"only the organisation that holds a study can share it; a recipient cannot share it on"} if {
+share_refusals := {"shared studies cannot be shared further"} if {
 	not from_custodian
+	share_recipient
+} else := {"patients may share only their own studies"} if {
+	role == "patient"
 } else := {sprintf("role %q may not share studies", [role])} if {
 	not role in share_roles
 } else := {"a study holding sensitive information can be shared only by the patient's own consent"} if {
 	count(sensitive_labels) > 0
-} else := {"the patient has opted out of sharing their images"}
+} else := {"the patient has opted out of sharing their images"} if {
+	from_custodian
+} else := {"break-the-glass access does not let you share studies"} if {
+	break_glass_claimed
+} else := viewing_refusals | {"you may only share studies you may view"}
+
+viewing_refusals := found if {
+	found := study_refusals with input.action as "view" with input.consents as own_consents
+}
+
+revoke_refusals := {"the request does not say which share is to be revoked"} if {
+	not input.share
+} else := {"only whoever shared the study, the organisation that holds it, the patient or an HIE operator can revoke this share"}

@@ -107,7 +107,7 @@ test_opt_out_hie_shares_for_treatment if {
 	d.allow
 	d.reasons == ["the exchange shares images for treatment unless the patient has opted out"]
 	d.obligations == []
-	startswith(d.policy_version, "0.3.0+")
+	startswith(d.policy_version, "0.4.0+")
 }
 
 test_opt_in_hie_needs_consent if {
@@ -222,10 +222,118 @@ test_holding_organisation_may_share if {
 	d.reasons == ["the organisation that holds a study may share it with another provider"]
 }
 
-test_recipient_cannot_share_on if {
-	d := decide(request(clinician_b, "share", [permit_b]))
+clinician_c := {"id": "dr-cy", "role": "clinician", "organization": "site-c", "purpose_of_use": ["TREAT"]}
+
+opt_in := {"mode": "opt-in"}
+
+practitioner(id) := {
+	"role": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP"}]},
+	"reference": {"reference": concat("/", ["Practitioner", id])},
+}
+
+# A provider share of s1 by dr-bo (site-b) with `actor`, as the hub's $share writes it.
+provider_share(actor) := object.union(consent({
+	"type": "permit",
+	"actor": [actor],
+	"action": [consent_action("access")],
+	"purpose": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "TREAT"}],
+	"period": {"start": "2026-05-20T09:00:00Z", "end": "2026-06-19T09:00:00Z"},
+	"data": [{"meaning": "instance", "reference": {"reference": "ImagingStudy/s1"}}],
+}), {
+	"policy": [{"uri": "urn:exchange:policy:provider-share"}],
+	"performer": [{"reference": "Practitioner/dr-bo"}],
+	"organization": [{"reference": "Organization/site-b"}],
+})
+
+share_with_cy := provider_share(practitioner("dr-cy"))
+
+with_settings(settings) := object.union(data.exchange.settings, settings)
+
+test_a_viewer_by_the_patients_consent_may_share if {
+	d := decide(request(clinician_b, "share", [permit_b])) with data.exchange.settings as with_settings(opt_in)
+	d.allow
+	d.reasons == ["a clinician who may view a study may share it with another provider"]
+}
+
+test_a_viewer_by_default_sharing_may_share if {
+	decide(request(clinician_b, "share", [])).allow
+}
+
+test_the_recipient_of_a_share_views_but_cannot_share_on if {
+	v := decide(request(clinician_c, "view", [share_with_cy])) with data.exchange.settings as with_settings(opt_in)
+	v.allow
+	v.reasons == ["the patient's consent permits this"]
+	d := decide(request(clinician_c, "share", [share_with_cy])) with data.exchange.settings as with_settings(opt_in)
 	not d.allow
-	d.reasons == ["only the organisation that holds a study can share it; a recipient cannot share it on"]
+	d.reasons == ["shared studies cannot be shared further"]
+}
+
+test_a_recipient_who_could_view_anyway_still_cannot_share_on if {
+	# opt-out HIE: site-c would see the study by default, but its access came with a share
+	d := decide(request(clinician_c, "share", [share_with_cy]))
+	not d.allow
+	d.reasons == ["shared studies cannot be shared further"]
+	by_org := provider_share(org("site-c"))
+	decide(request(clinician_c, "share", [by_org])).reasons == ["shared studies cannot be shared further"]
+}
+
+test_a_share_of_another_study_does_not_make_a_recipient if {
+	d := decide(on(request(clinician_c, "share", [share_with_cy]), object.union(study, {"study": "s2"})))
+	d.allow
+}
+
+test_the_holding_organisation_may_share_what_it_also_received if {
+	d := decide(request(clinician_a, "share", [provider_share(org("site-a"))]))
+	d.reasons == ["the organisation that holds a study may share it with another provider"]
+}
+
+test_whoever_may_not_view_cannot_share if {
+	d := decide(request(clinician_b, "share", [opt_out]))
+	not d.allow
+	d.reasons == ["the patient has opted out of sharing their images", "you may only share studies you may view"]
+	e := decide(request(clinician_c, "share", [])) with data.exchange.settings as with_settings(opt_in)
+	not e.allow
+	e.reasons == [
+		"the patient has not consented to sharing their images with your organisation",
+		"you may only share studies you may view",
+	]
+}
+
+test_an_expired_share_no_longer_grants_view if {
+	expired := object.union(share_with_cy, {"provision": {"period": {"end": "2026-05-31"}}})
+	d := decide(request(clinician_c, "view", [expired])) with data.exchange.settings as with_settings(opt_in)
+	not d.allow
+	"the share of this study with you ended on 2026-05-31" in d.reasons
+	# no longer a recipient: where the HIE shares by default, the clinician may share
+	decide(request(clinician_c, "share", [expired])).allow
+}
+
+test_a_revoked_share_no_longer_grants_view if {
+	revoked := object.union(share_with_cy, {"status": "inactive"})
+	d := decide(request(clinician_c, "view", [revoked])) with data.exchange.settings as with_settings(opt_in)
+	not d.allow
+	d.reasons == [
+		"the patient has not consented to sharing their images with your organisation",
+		"the share of this study with you was revoked",
+	]
+}
+
+test_a_share_never_grants_export if {
+	d := decide(request(clinician_c, "export", [share_with_cy])) with data.exchange.settings as with_settings(opt_in)
+	not d.allow
+	d.reasons == ["downloading the original images needs the patient's explicit permission; viewing them may be allowed"]
+}
+
+test_the_patients_opt_out_overrides_a_share if {
+	d := decide(request(clinician_c, "view", [share_with_cy, opt_out]))
+	not d.allow
+	d.reasons == ["the patient has opted out of sharing their images"]
+}
+
+test_break_the_glass_does_not_share if {
+	d := decide(request(emergency, "share", []))
+	not d.allow
+	d.reasons == ["break-the-glass access does not let you share studies"]
 }
 
 test_sharing_respects_opt_out_and_sensitivity if {
@@ -235,12 +343,52 @@ test_sharing_respects_opt_out_and_sensitivity if {
 	e.reasons == ["a study holding sensitive information can be shared only by the patient's own consent"]
 	f := decide(request({"id": "site-a", "role": "system", "organization": "site-a"}, "share", []))
 	f.reasons == [`role "system" may not share studies`]
+	g := decide(on(request(clinician_b, "share", [permit_b_psy]), psy_study))
+	g.reasons == ["a study holding sensitive information can be shared only by the patient's own consent"]
 }
 
 test_patient_shares_and_records_own_consent if {
 	me := {"id": "p1", "role": "patient", "patient": "p1"}
 	decide(request(me, "share", [])).reasons == ["patients may share their own studies"]
 	decide(request(me, "write-consent", [])).reasons == ["patients may record their own consent"]
+	other := decide(request({"id": "p2", "role": "patient", "patient": "p2"}, "share", []))
+	not other.allow
+	other.reasons == ["patients may share only their own studies"]
+}
+
+test_sharing_settings_come_from_data if {
+	data.exchange.access.sharing == {"default_days": 30, "max_days": 90, "roles": ["clinician"], "emergency_purposes": ["ETREAT", "BTG"]}
+	shorter := data.exchange.access.sharing with data.exchange.settings.sharing as {"default_days": 7, "max_days": 14}
+	[shorter.default_days, shorter.max_days] == [7, 14]
+	data.exchange.access.sharing == {"default_days": 30, "max_days": 90, "roles": ["clinician"], "emergency_purposes": ["ETREAT", "BTG"]} with data.exchange.settings as {}
+}
+
+# -- revoking a share -------------------------------------------------------------
+
+revoke(subject, share) := object.union(request(subject, "revoke-share", [share]), {"share": share})
+
+test_whoever_shared_may_revoke if {
+	d := decide(revoke(clinician_b, share_with_cy))
+	d.allow
+	d.reasons == ["whoever shared a study may revoke the share"]
+}
+
+test_the_holding_organisation_patient_and_operators_may_revoke if {
+	decide(revoke(clinician_a, share_with_cy)).reasons == ["the organisation that holds a study may revoke its shares"]
+	decide(revoke({"id": "p1", "role": "patient", "patient": "hie-1"}, share_with_cy)).reasons == ["patients may revoke shares of their own studies"]
+	decide(revoke({"id": "op", "role": "operator", "organization": "hie"}, share_with_cy)).reasons == ["HIE operators keep the consent registry"]
+}
+
+test_others_may_not_revoke if {
+	colleague := object.union(clinician_b, {"id": "dr-other"})
+	every subject in [clinician_c, colleague, {"id": "p2", "role": "patient", "patient": "p2"}] {
+		d := decide(revoke(subject, share_with_cy))
+		not d.allow
+		d.reasons == ["only whoever shared the study, the organisation that holds it, the patient or an HIE operator can revoke this share"]
+	}
+	e := decide(request({"id": "op", "role": "operator", "organization": "hie"}, "revoke-share", []))
+	not e.allow
+	e.reasons == ["the request does not say which share is to be revoked"]
 }
 
 test_operators_keep_the_consent_registry if {
@@ -315,8 +463,8 @@ test_settings_come_from_data if {
 test_settings_have_safe_defaults if {
 	data.exchange.access.mode == "opt-in" with data.exchange.settings as {}
 	data.exchange.access.break_glass_actions == ["search", "read", "view"] with data.exchange.settings as {}
-	data.exchange.access.policy_version == "0.3.0+1f2e3d" with data.exchange.bundle as {"revision": "1f2e3d"}
-	data.exchange.access.policy_version == "0.3.0+abc" with data.exchange.bundle as {"version": "0.3.0+abc"}
+	data.exchange.access.policy_version == "0.4.0+1f2e3d" with data.exchange.bundle as {"revision": "1f2e3d"}
+	data.exchange.access.policy_version == "0.4.0+abc" with data.exchange.bundle as {"version": "0.4.0+abc"}
 }
 
 test_operators_may_find_and_read_index_entries if {
@@ -338,4 +486,12 @@ test_patient_session_from_an_access_code_covers_only_its_studies if {
 	d := decide(request(object.union(me, {"studies": ["s9"]}), "view", []))
 	not d.allow
 	d.reasons == ["the access code this session was opened with does not cover this study"]
+}
+
+test_patient_session_reads_all_disclosures_about_the_patient if {
+	me := {"id": "p1", "role": "patient", "organization": null, "patient": "hie-1", "studies": ["s9"]}
+	audit := {"type": "AuditEvent", "study": "", "patient": ["hie-1"], "custodian": null}
+	decide(on(request(me, "read-audit", []), audit)).allow
+	other := object.union(audit, {"patient": ["hie-2"]})
+	not decide(on(request(me, "read-audit", []), other)).allow
 }

@@ -32,6 +32,10 @@
 # - Nested provisions are exceptions that count only where the enclosing one
 #   applies (three levels are read). In one consent the deepest applying
 #   provision decides, deny before permit; across consents any deny wins.
+# - Provider shares (the hub's `$share`: policy uri urn:exchange:policy:provider-share
+#   or category consent-kind#provider-share) are ordinary permits here; they are
+#   also named apart (received_share, revoked_shares) because the access policy
+#   lets no one share on what was shared with them.
 #
 # Written for regorus' speed: alternatives are `else` chains (regorus evaluates
 # every body of a rule, but stops an else chain at the first that holds), other
@@ -232,6 +236,55 @@ opted_out if {
 	not p.dataPeriod
 }
 
+# -- provider shares ------------------------------------------------------------
+
+provider_share_uri := "urn:exchange:policy:provider-share"
+
+consent_kind_system := "https://exchange.example.org/fhir/CodeSystem/consent-kind"
+
+# A Consent the hub wrote for a provider's share (`$share`), not the patient's own choice.
+provider_share(c) if {
+	some p in c.policy
+	p.uri == provider_share_uri
+} else if {
+	some concept in c.category
+	some coding in concept.coding
+	coding.system == consent_kind_system
+	coding.code == "provider-share"
+}
+
+# A share names its recipients and its study explicitly (a share without them is no share).
+names_recipient_and_study(p) if {
+	p.type == "permit"
+	is_array(p.actor)
+	count(p.actor) > 0
+	is_array(p.data)
+	count(p.data) > 0
+	actor_ok(p)
+	data_ok(p)
+}
+
+# Provider shares in force that name the caller (as a practitioner or by organisation)
+# and this study: the caller's access may come from someone else's share.
+received_shares contains i if {
+	some i in in_force
+	c := input.consents[i]
+	provider_share(c)
+	names_recipient_and_study(c.provision)
+	period_ok(c.provision)
+}
+
+received_share if count(received_shares) > 0
+
+# Shares of this study with the caller that were revoked (status inactive).
+revoked_shares contains "the share of this study with you was revoked" if {
+	some c in input.consents
+	c.status == "inactive"
+	provider_share(c)
+	refers_to(c.patient.reference, patient_refs)
+	names_recipient_and_study(c.provision)
+}
+
 # -- sentences for refusals ---------------------------------------------------
 
 denials contains denial(provision[path]) if {
@@ -262,7 +315,7 @@ party(a) := replace(ref, "/", " ") if {
 } else := sprintf("anyone in the role %s", [input.subject.role])
 
 # Permits that would apply but are not (or no longer) in force.
-lapsed contains sprintf("the patient's consent for this ended on %s", [p.period.end]) if {
+lapsed contains sprintf("%s ended on %s", [what_lapsed(input.consents[i]), p.period.end]) if {
 	some i in in_force
 	p := provision[[i]]
 	permit_except_period(p)
@@ -270,13 +323,17 @@ lapsed contains sprintf("the patient's consent for this ended on %s", [p.period.
 	not ends_ok(p.period.end, now_ns, today)
 }
 
-lapsed contains sprintf("the patient's consent for this only takes effect on %s", [p.period.start]) if {
+lapsed contains sprintf("%s only takes effect on %s", [what_lapsed(input.consents[i]), p.period.start]) if {
 	some i in in_force
 	p := provision[[i]]
 	permit_except_period(p)
 	p.period.start
 	not starts_ok(p.period.start, now_ns, today)
 }
+
+what_lapsed(c) := "the share of this study with you" if {
+	provider_share(c)
+} else := "the patient's consent for this"
 
 permit_except_period(p) if {
 	p.type == "permit"

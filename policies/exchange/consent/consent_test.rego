@@ -257,3 +257,72 @@ test_blanket_opt_out if {
 test_requests_other_than_viewing_are_not_consent_matters if {
 	not data.exchange.consent.denied with input as object.union(request([consent(deny)]), {"action": "share"})
 }
+
+# -- provider shares ------------------------------------------------------------------
+
+share_policy := [{"uri": "urn:exchange:policy:provider-share"}]
+
+share_category := [{"coding": [
+	{"system": "http://loinc.org", "code": "64292-6"},
+	{"system": "https://exchange.example.org/fhir/CodeSystem/consent-kind", "code": "provider-share"},
+]}]
+
+# A share of s1 with `actor` for 30 days from 2026-05-20, as the hub's $share writes it.
+share(actor) := object.union(consent({
+	"type": "permit",
+	"actor": [actor],
+	"action": consent_actions(["access"]),
+	"purpose": purposes(["TREAT"]),
+	"period": {"start": "2026-05-20T09:00:00Z", "end": "2026-06-19T09:00:00Z"},
+	"data": [{"meaning": "instance", "reference": {"reference": "ImagingStudy/s1"}}],
+}), {"policy": share_policy, "category": share_category, "performer": [{"reference": "Practitioner/dr-ada"}]})
+
+test_a_provider_share_permits_the_named_practitioner_for_that_study if {
+	shared := share(ref("Practitioner/dr-bo"))
+	allows([shared])
+	data.exchange.consent.received_share with input as request([shared])
+	other := object.union(request([shared]), {"resource": {"study": "s2"}})
+	not allows_for(other)
+	not data.exchange.consent.received_share with input as other
+}
+
+test_a_share_with_an_organisation_names_its_staff if {
+	data.exchange.consent.received_share with input as request([share(ref("Organization/site-b"))])
+	not data.exchange.consent.received_share with input as request([share(ref("Organization/site-c"))])
+}
+
+test_shares_are_known_by_policy_or_by_category if {
+	data.exchange.consent.provider_share(share(ref("Organization/site-b")))
+	data.exchange.consent.provider_share(object.remove(share(ref("Organization/site-b")), ["policy"]))
+	not data.exchange.consent.provider_share(consent(permit))
+}
+
+test_the_patients_own_permit_is_not_a_received_share if {
+	own := consent(object.union(permit, {"actor": [ref("Practitioner/dr-bo")], "data": [ref("ImagingStudy/s1")]}))
+	allows([own])
+	not data.exchange.consent.received_share with input as request([own])
+}
+
+test_a_share_that_names_no_study_is_no_share if {
+	shared := share(ref("Practitioner/dr-bo"))
+	vague := object.union(object.remove(shared, ["provision"]), {"provision": object.remove(shared.provision, ["data"])})
+	allows([vague])
+	not data.exchange.consent.received_share with input as request([vague])
+}
+
+test_an_expired_share_grants_nothing_and_says_so if {
+	expired := object.union(share(ref("Practitioner/dr-bo")), {"provision": {"period": {"start": "2026-05-01", "end": "2026-05-31"}}})
+	not allows([expired])
+	not data.exchange.consent.received_share with input as request([expired])
+	data.exchange.consent.lapsed == {"the share of this study with you ended on 2026-05-31"} with input as request([expired])
+	later := object.union(share(ref("Practitioner/dr-bo")), {"provision": {"period": {"start": "2026-07-01"}}})
+	data.exchange.consent.lapsed == {"the share of this study with you only takes effect on 2026-07-01"} with input as request([later])
+}
+
+test_a_revoked_share_grants_nothing_and_says_so if {
+	revoked := object.union(share(ref("Practitioner/dr-bo")), {"status": "inactive"})
+	not allows([revoked])
+	not data.exchange.consent.received_share with input as request([revoked])
+	data.exchange.consent.revoked_shares == {"the share of this study with you was revoked"} with input as request([revoked])
+	data.exchange.consent.revoked_shares == set() with input as request([object.union(revoked, {"status": "active"})])
+}
