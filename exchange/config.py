@@ -153,6 +153,10 @@ class Settings(BaseSettings):
     access_code_address_window_seconds: Annotated[float, Field(gt=0, le=86400)] = 900.0
     #: Lifetime of the patient session a redeemed access code opens.
     patient_session_seconds: Annotated[int, Field(ge=1, le=3600)] = 900
+    #: The viewer's SMART client id at the HIE's authorization server ({hub}/viewer).
+    viewer_client_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:~-]{0,127}$")] = (
+        "exchange-viewer"
+    )
 
     # -- node --------------------------------------------------------------
     node_id: Identifier = "node"

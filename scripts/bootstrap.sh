@@ -4,8 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the project needs: PostgreSQL for the scale-out database tests.
-DEBIAN_PACKAGES=(postgresql)
+# Debian packages the project needs: PostgreSQL for the scale-out database tests, and
+# Chromium for the viewer's browser tests (Playwright drives Debian's Chromium at
+# /usr/bin/chromium; Playwright's own browsers are never downloaded).
+DEBIAN_PACKAGES=(postgresql chromium)
 
 PYTHON="${PYTHON:-python3}"
 # Debian splits venv/ensurepip out of the interpreter package.

@@ -6,13 +6,23 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from exchange import __version__
 from exchange.config import Settings
 from exchange.hub import services
 from exchange.hub.broker import PREFIX as BROKER_PREFIX
 from exchange.hub.broker import Broker
-from exchange.hub.routes import access_codes, dicomweb, fhir, idp, mpi, shares, wellknown
+from exchange.hub.routes import (
+    access_codes,
+    dicomweb,
+    fhir,
+    idp,
+    mpi,
+    shares,
+    viewer,
+    wellknown,
+)
 from exchange.web.app import finish
 from exchange.web.errors import FHIR_PREFIX
 
@@ -45,4 +55,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(mpi.router)
     app.include_router(access_codes.router)
     app.include_router(shares.router)
+    app.include_router(viewer.router)
+    app.mount("/viewer/static", StaticFiles(directory=viewer.STATIC), name="viewer-static")
     return finish(app, lambda _path: settings.max_body_bytes, built.checks)

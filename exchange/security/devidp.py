@@ -23,6 +23,7 @@ production):
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -56,6 +57,14 @@ CODE_TTL_SECONDS = 60
 CLIENT_CREDENTIALS_TTL_SECONDS = 300
 #: Unredeemed codes kept at most: a bound on memory, not a rate limit.
 MAX_PENDING_CODES = 1000
+#: An EHR launch context can be used (and re-used, e.g. to step up to break-the-glass)
+#: this long after the EHR created it.
+LAUNCH_TTL_SECONDS = 600
+#: Launch contexts kept at most.
+MAX_LAUNCHES = 1000
+#: Purposes of use a signed-in person may ask for at authorize (``purpose_of_use``, an
+#: extension), by role: the IdP, not the app, decides who may break the glass.
+REQUESTABLE_PURPOSES = {"clinician": frozenset({"TREAT", "ETREAT"})}
 
 GRANT_TYPES = ["authorization_code", "client_credentials"]
 CAPABILITIES = [
@@ -164,6 +173,8 @@ class AuthorizationRequest:
     fhir_base: str
     launch: str | None = None
     nonce: str | None = None
+    #: ``purpose_of_use`` (an extension): the purpose the app asks the IdP to grant.
+    purpose: str | None = None
 
     @classmethod
     def parse(cls, params: Mapping[str, str], fhir_base: str) -> AuthorizationRequest:
@@ -200,6 +211,9 @@ class AuthorizationRequest:
         scope = " ".join(params.get("scope", "").split())
         if not scope:
             raise OAuthError("invalid_scope", "scope is required")
+        purpose = params.get("purpose_of_use") or None
+        if purpose is not None and not _PURPOSE.match(purpose):
+            raise OAuthError("invalid_request", "purpose_of_use must be one PurposeOfUse code")
         return cls(
             client_id=client_id,
             redirect_uri=redirect_uri,
@@ -209,7 +223,19 @@ class AuthorizationRequest:
             fhir_base=fhir_base,
             launch=params.get("launch") or None,
             nonce=params.get("nonce") or None,
+            purpose=purpose,
         )
+
+
+@dataclass(frozen=True)
+class LaunchContext:
+    """What an EHR hands the IdP when it launches an app: who is signed in at the EHR
+    (so the IdP needs no second sign-in), the patient and optionally the study open."""
+
+    persona: Persona
+    patient: str
+    imaging_study: str | None
+    expires: float
 
 
 @dataclass(frozen=True)
@@ -218,6 +244,7 @@ class _PendingCode:
     persona: Persona
     scope: str
     expires: float
+    imaging_study: str | None = None
 
 
 def _granted_user_scopes(requested: str, role: str) -> str:
@@ -251,6 +278,7 @@ class DevIdentityProvider:
         self.clients_file = clients_file
         self._clock = clock
         self._codes: dict[str, _PendingCode] = {}
+        self._launches: dict[str, LaunchContext] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -308,15 +336,65 @@ class DevIdentityProvider:
             claims, self.key.private, algorithm="RS256", headers={"kid": self.key.kid}
         )
 
+    # -- SMART EHR launch context ----------------------------------------------
+    def launch(self, persona: Persona, patient: str, imaging_study: str | None = None) -> str:
+        """An opaque ``launch`` value for an EHR launch (the simulated EHR asks for it)."""
+        if not _PATIENT.match(patient):
+            raise ValueError("patient: a FHIR id (letters, digits, - and .)")
+        if imaging_study is not None and not _PATIENT.match(imaging_study):
+            raise ValueError("imaging study: a FHIR id (letters, digits, - and .)")
+        value = secrets.token_urlsafe(24)
+        context = LaunchContext(
+            persona=persona,
+            patient=patient,
+            imaging_study=imaging_study,
+            expires=self._clock() + LAUNCH_TTL_SECONDS,
+        )
+        with self._lock:
+            moment = self._clock()
+            for stale in [k for k, c in self._launches.items() if c.expires <= moment]:
+                del self._launches[stale]
+            if len(self._launches) >= MAX_LAUNCHES:
+                raise ValueError("too many launches in progress; try again shortly")
+            self._launches[value] = context
+        return value
+
+    def launch_context(self, value: str | None) -> LaunchContext | None:
+        """The live context of a ``launch`` value, or None (unknown or expired)."""
+        if not value:
+            return None
+        with self._lock:
+            context = self._launches.get(value)
+        if context is None or context.expires <= self._clock():
+            return None
+        return context
+
     # -- SMART authorization code + PKCE ---------------------------------------
-    def authorize(self, request: AuthorizationRequest, persona: Persona) -> str:
-        """Sign ``persona`` in for ``request``; the single-use code to redirect with."""
+    def authorize(
+        self,
+        request: AuthorizationRequest,
+        persona: Persona,
+        context: LaunchContext | None = None,
+    ) -> str:
+        """Sign ``persona`` in for ``request``; the single-use code to redirect with.
+
+        A ``purpose_of_use`` the app asked for is granted only where the persona's role
+        may claim it (``REQUESTABLE_PURPOSES``): it then replaces the persona's purposes.
+        """
+        if request.purpose is not None:
+            if request.purpose not in REQUESTABLE_PURPOSES.get(persona.role, frozenset()):
+                raise OAuthError(
+                    "access_denied",
+                    f"a {persona.role} may not claim purpose of use {request.purpose}",
+                )
+            persona = dataclasses.replace(persona, purpose=(request.purpose,))
         code = secrets.token_urlsafe(32)
         pending = _PendingCode(
             request=request,
             persona=persona,
             scope=_granted_user_scopes(request.scope, persona.role),
             expires=self._clock() + CODE_TTL_SECONDS,
+            imaging_study=context.imaging_study if context else None,
         )
         with self._lock:
             moment = self._clock()
@@ -377,6 +455,11 @@ class DevIdentityProvider:
         }
         if persona.patient:
             answer["patient"] = persona.patient
+        if pending.imaging_study:
+            # SMART App Launch v2 fhirContext: the study open in the EHR.
+            answer["fhirContext"] = [{"reference": f"ImagingStudy/{pending.imaging_study}"}]
+        if persona.purpose:
+            answer["purpose_of_use"] = list(persona.purpose)
         fhir_user = f"{'Patient' if persona.role == 'patient' else 'Practitioner'}/{persona.sub}"
         if "fhirUser" in scopes:
             answer["fhirUser"] = fhir_user

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import html
 from functools import partial
 from typing import Any
@@ -136,19 +137,25 @@ def authorize(request: Request, services: Services) -> Response:
     try:
         params = _single_values(list(request.query_params.multi_items()))
         auth = AuthorizationRequest.parse(params, _fhir_base(services))
-        if "dev_sub" not in params:
+        context = idp.launch_context(auth.launch)
+        if context is not None:
+            # An EHR launch: the user is signed in at the EHR already (single sign-on),
+            # and the patient (and study) in context come from the launch.
+            persona = dataclasses.replace(context.persona, patient=context.patient)
+        elif "dev_sub" not in params:
             return _sign_in_form(params)
-        try:
-            persona = Persona.parse(
-                params["dev_sub"],
-                params.get("dev_role", "clinician"),
-                params.get("dev_org", ""),
-                params.get("dev_purpose", ""),
-                params.get("dev_patient", ""),
-            )
-        except ValueError as exc:
-            return _sign_in_form(params, str(exc))
-        code = idp.authorize(auth, persona)
+        else:
+            try:
+                persona = Persona.parse(
+                    params["dev_sub"],
+                    params.get("dev_role", "clinician"),
+                    params.get("dev_org", ""),
+                    params.get("dev_purpose", ""),
+                    params.get("dev_patient", ""),
+                )
+            except ValueError as exc:
+                return _sign_in_form(params, str(exc))
+        code = idp.authorize(auth, persona, context)
     except OAuthError as exc:
         redirect_uri = params.get("redirect_uri", "") if exc.redirect else ""
         if not redirect_uri:
