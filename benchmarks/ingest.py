@@ -17,6 +17,9 @@ What it measures, on the same fixed inputs and in the same run:
   grant, and from Orthanc, against reading the same plain files from disk.
 * **Memory**: peak RSS (VmHWM) of the node process and of Orthanc, and of the
   ``exchange import`` process.
+* **STOW-RS while publishing**, for information: the same STOW-RS with the node
+  sending each study to the hub as it arrives (the rows above are like for like with
+  Orthanc, which publishes nothing, so their nodes do not publish).
 
 Orthanc binds every interface, so the script re-executes itself in a new
 network namespace whose only interface is ``lo``; Orthanc, the node and the
@@ -71,8 +74,12 @@ ORTHANC_MISSING = (
 MB = 1e6
 
 MEASUREMENTS = ("ingest STOW-RS", "ingest folder import", "retrieve WADO-RS")
+#: For information, not a target: Orthanc publishes nothing, and the hub that receives
+#: the node's ImagingStudies shares this machine's cores (in production it runs elsewhere).
+PUBLISHING = "STOW-RS, publishing"
 STOW_NODE = "bench"
 IMPORT_NODE = "bench-import"
+PUBLISHING_NODE = "bench-publishing"
 
 
 # -- network namespace -------------------------------------------------------
@@ -153,6 +160,27 @@ def peak_rss_mb(pid: int) -> float | None:
     except OSError:
         return None
     return None
+
+
+def compile_bytecode() -> str:
+    """Bring the package's bytecode up to date, as installing it does (pip compiles it).
+
+    With PYTHONDONTWRITEBYTECODE set (as in the project's shells), every module edited
+    since its bytecode was written is compiled again by every process that imports it:
+    ~40 ms of each ``exchange import`` that an installed node does not pay.
+    """
+    import exchange
+
+    package = Path(exchange.__file__).parent
+    done = subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", "-j", "0", str(package)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        return f"bytecode of {package} not compiled ({done.stderr.strip()[:200]})"
+    return f"bytecode of {package} compiled before the run, as an installation does"
 
 
 # -- data ----------------------------------------------------------------------
@@ -432,9 +460,11 @@ def measure_exchange(
         NodeSpec(STOW_NODE, "org-bench", "tenant-bench"),
         NodeSpec(IMPORT_NODE, "org-bench-import", "tenant-bench-import"),
     ]
-    print("exchange: starting a hub and two nodes …")
+    print("exchange: starting a hub and two nodes (not publishing to the hub) …")
+    # Like for like with Orthanc, which publishes nothing: the nodes do not send their
+    # studies to the hub here. The cost of publishing is measured by measure_publishing.
     with LocalFederation(
-        root / "exchange", nodes, node_env={"EXCHANGE_LOG_LEVEL": "warning"}
+        root / "exchange", nodes, node_env={"EXCHANGE_LOG_LEVEL": "warning"}, publishing=False
     ) as fed:
         node = fed.node(STOW_NODE)
         assert node.process is not None
@@ -492,6 +522,46 @@ def measure_exchange(
         with contextlib.suppress(Exception):
             exchange_import(fed, IMPORT_NODE, empty)
             results.import_startup.append(time.perf_counter() - start)
+
+
+def measure_publishing(
+    root: Path,
+    data: Inputs,
+    warmup: list[Path],
+    bodies: list[tuple[bytes, str, int]],
+    args: argparse.Namespace,
+    results: Results,
+) -> None:
+    """STOW-RS again, with the node publishing each study to the hub as it arrives.
+
+    The node's outbox sends an ImagingStudy per changed study a moment after its commit,
+    so during a bulk STOW-RS the node also builds and sends those, and the hub (on the
+    same cores here) validates and indexes them. For information: not like for like.
+    """
+    nodes = [NodeSpec(PUBLISHING_NODE, "org-bench-publishing", "tenant-bench-publishing")]
+    print("exchange: starting a hub and a node that publishes to it …")
+    with LocalFederation(
+        root / "exchange-publishing", nodes, node_env={"EXCHANGE_LOG_LEVEL": "warning"}
+    ) as fed:
+        node = fed.node(PUBLISHING_NODE)
+        assert node.process is not None
+        headers = {
+            "X-API-Key": fed.api_key(PUBLISHING_NODE),
+            "Accept": "application/dicom+json",
+            **NO_COMPRESSION,
+        }
+        url = f"{node.url}/dicomweb/studies"
+        with httpx.Client(timeout=HTTP_TIMEOUT) as client:
+
+            def stow_publishing() -> Figure:
+                warm_body, warm_type = multipart_body(warmup)
+                stow(client, url, headers, [(warm_body, warm_type, len(warmup))], 1)
+                seconds = stow(client, url, headers, bodies, args.clients)
+                return Figure(len(data.files), data.total_bytes, seconds)
+
+            print("exchange: STOW-RS while publishing …")
+            results.run(PUBLISHING, "exchange", stow_publishing)
+        results.peak("exchange node (STOW-RS, publishing)", node.process.pid)
 
 
 # -- Orthanc -------------------------------------------------------------------
@@ -709,6 +779,14 @@ def report(results: Results, data: Inputs, baseline: Figure | None, rounds: int)
         else:
             line += "n/a"
         print(line)
+    publishing = results.median(PUBLISHING, "exchange")
+    if publishing is not None:
+        line = f"{PUBLISHING:22} {_cell(publishing):>28} | "
+        theirs = results.median("ingest STOW-RS", "orthanc")
+        if theirs is not None:
+            ratio = publishing.per_second / theirs.per_second
+            line += f"{'(orthanc publishes nothing)':>28} | {ratio:.2f}x of orthanc's STOW-RS"
+        print(line + " (for information, not a target)")
     if baseline is not None:
         print(f"{'read plain files':22} {_cell(baseline):>28} | (baseline for retrieval)")
         ours = results.median("retrieve WADO-RS", "exchange")
@@ -783,6 +861,11 @@ def main(argv: list[str] | None = None) -> int:
         help="rounds, each on fresh stores; the median is reported (default 5, --quick 3)",
     )
     parser.add_argument("--no-orthanc", action="store_true", help="measure Exchange only")
+    parser.add_argument(
+        "--no-publishing",
+        action="store_true",
+        help="skip the STOW-RS row with the node publishing to the hub",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
     parser.add_argument(
         "--no-netns",
@@ -818,6 +901,7 @@ def main(argv: list[str] | None = None) -> int:
             f"load average {os.getloadavg()[0]:.2f}"
             + (", private network namespace" if os.environ.get(NETNS_MARKER) else "")
         )
+        bytecode = compile_bytecode()
         data = make_inputs(root / "data", studies, slices, size)
         warmup = warmup_files(root / "warmup")
         print(
@@ -831,6 +915,7 @@ def main(argv: list[str] | None = None) -> int:
             bodies.append((body, content_type, len(batch)))
 
         results = Results()
+        results.remarks.append(bytecode)
         with contextlib.suppress(OSError, ValueError):
             results.cpu = CpuWatch()
         for index in range(args.rounds):
@@ -845,6 +930,11 @@ def main(argv: list[str] | None = None) -> int:
                     measure_orthanc(root / f"round{index}", data, warmup, bodies, args, results)
                 except Unavailable as exc:
                     orthanc_reason = str(exc)
+            if not args.no_publishing:
+                try:
+                    measure_publishing(root / f"round{index}", data, warmup, bodies, args, results)
+                except RuntimeError as exc:
+                    print(f"exchange (publishing): not measured in this round: {exc}")
         if orthanc_reason is None:
             results.remarks.append(f"Debian {orthanc_version()}; Orthanc at its default settings")
         if orthanc_reason is not None:

@@ -131,13 +131,27 @@ def _pydicom_without_pixel_libraries() -> None:
 
 
 def _import(args: argparse.Namespace) -> int:
-    _pydicom_without_pixel_libraries()
-    from exchange.node import importer
+    import gc
 
-    settings = _settings(args, data_dir=args.data_dir, node_id=args.node_id)
-    return importer.run(
-        settings, args.path, args.tenant, quarantine=args.quarantine, progress=not args.quiet
-    )
+    # Start-up makes ~100k objects that live until the command exits: collecting while
+    # they were made was ~60 ms of it (a tenth), so they are frozen out of collections.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        _pydicom_without_pixel_libraries()
+        from exchange.node import importer
+
+        settings = _settings(args, data_dir=args.data_dir, node_id=args.node_id)
+    finally:
+        gc.freeze()
+        if collecting:
+            gc.enable()
+    try:
+        return importer.run(
+            settings, args.path, args.tenant, quarantine=args.quarantine, progress=not args.quiet
+        )
+    finally:
+        gc.unfreeze()  # for callers in the same process (tests)
 
 
 def _dev_token(args: argparse.Namespace) -> int:

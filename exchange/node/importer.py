@@ -131,6 +131,7 @@ class _ReadAhead:
     def __init__(self, files: list[Path]) -> None:
         self._queue: queue.Queue[tuple[Path, BinaryIO | OSError] | None] = queue.Queue(READ_AHEAD)
         self._stopping = False
+        self._failed: BaseException | None = None
         self._thread = threading.Thread(
             target=self._run, args=(files,), name="import-reader", daemon=True
         )
@@ -146,12 +147,16 @@ class _ReadAhead:
                 except OSError as exc:
                     opened = exc
                 self._queue.put((path, opened))
+        except BaseException as exc:  # given to the importing thread: no file goes missing
+            self._failed = exc
         finally:
             self._queue.put(None)
 
     def __iter__(self) -> Iterator[tuple[Path, BinaryIO | OSError]]:
         while (item := self._queue.get()) is not None:
             yield item
+        if self._failed is not None:
+            raise self._failed
 
     def close(self) -> None:
         """Stop reading; close what was read and not taken."""

@@ -1,11 +1,12 @@
 """The encrypted, multi-tenant instance store.
 
-Each instance is validated, its preamble zeroed, then streamed through
-envelope encryption into a new file that is fsynced and renamed into place;
-only then is its index row committed. A crash leaves at worst an
-unreferenced blob, never a half-written instance or a row without its data.
-Every query takes the tenant, so one tenant's rows are unreachable from
-another's, and nothing identifying is stored in clear (see ``catalog``).
+Each instance is validated, then a writer thread zeroes its preamble and streams it
+through envelope encryption (hashing it on the way) into a new file, which is
+fdatasynced and, at commit, renamed into place; only then is its index row
+committed. A crash leaves at worst an unreferenced blob, never a half-written
+instance or a row without its data. Every query takes the tenant, so one tenant's
+rows are unreachable from another's, and nothing identifying is stored in clear
+(see ``catalog``).
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import hashlib
 import io
 import mmap
 import os
+import secrets
 import shutil
 import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -60,9 +61,9 @@ CHUNK = 1024 * 1024
 SPOOL_IN_MEMORY = 64 * 1024 * 1024
 #: Threads that write blobs (read, hash, encrypt, write, fdatasync). SHA-256, AES-GCM and
 #: the I/O release the GIL, so they run beside the parsing of the next instances.
-WRITER_THREADS = int(os.environ.get("H4_WT", "4"))
+WRITER_THREADS = 4
 #: Blobs of one batch being written at once: bounds the memory their sources hold.
-IN_FLIGHT = int(os.environ.get("H4_IF", "4"))
+IN_FLIGHT = 4
 _POOL_LOCK = threading.Lock()
 _TABLE: Table = InstanceRow.__table__  # type: ignore[attr-defined]
 #: Built once: compiling a statement per group cost more than running it.
@@ -74,6 +75,9 @@ _LOOKUP = sa_select(_TABLE.c.sop_key, _TABLE.c.id, _TABLE.c.sha256, _TABLE.c.blo
 _BUFFERS = threading.local()
 #: Direct I/O wants block-aligned memory, offsets and lengths: 4 KiB suits common devices.
 _ALIGN = 4096
+_DIRECT = getattr(os, "O_DIRECT", 0)
+#: A blob's temp file: new, private, never through a symlink.
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
 class Outcome(StrEnum):
@@ -473,12 +477,12 @@ class _BlobFile:
     it is plain buffered writes.
     """
 
-    def __init__(self, fd: int, buffer: memoryview) -> None:
+    def __init__(self, fd: int, buffer: memoryview, direct: bool) -> None:
         self._fd = fd
         self._buffer = buffer
         self._used = 0
         self._size = 0
-        self._direct = _enable_direct_io(fd)
+        self._direct = direct
 
     def room(self) -> memoryview:
         return self._buffer[self._used :]
@@ -523,19 +527,22 @@ class _BlobFile:
                 self._direct = False
 
 
-def _enable_direct_io(fd: int) -> bool:
-    direct = getattr(os, "O_DIRECT", 0)
-    if not direct:
-        return False
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | direct)
-    except OSError:
-        return False
-    return True
+def _create_temp(directory: Path) -> tuple[int, Path, str, bool]:
+    """A new private temp file for a blob: its descriptor, path, random token (the blob's
+    name once in place) and whether it was opened for direct I/O."""
+    token = secrets.token_hex(16)
+    path = directory / f".incoming-{token}.tmp"
+    if _DIRECT:
+        try:
+            return os.open(path, _CREATE | _DIRECT, 0o600), path, token, True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: this file system has no direct I/O
+                raise
+    return os.open(path, _CREATE, 0o600), path, token, False
 
 
 def _disable_direct_io(fd: int) -> None:
-    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~getattr(os, "O_DIRECT", 0))
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_DIRECT)
 
 
 def _sanitised(source: BinaryIO, view: memoryview) -> Iterator[memoryview]:
@@ -607,14 +614,13 @@ def _write_blob(source: BinaryIO, blob: _Blob) -> _Written:
     try:
         sealed = blob.seal.seal(blob.attributes, blob.sop_key)
         sealer = envelope.Sealer(blob.keys, blob.tenant, associated_data(blob.tenant, blob.sop_uid))
-        fd, name = tempfile.mkstemp(dir=blob.directory, prefix=".incoming-", suffix=".tmp")
+        fd, tmp, token, direct = _create_temp(blob.directory)
     except BaseException:
         source.close()
         raise
-    tmp = Path(name)
     try:
         plain, cipher = _buffers()
-        out = _BlobFile(fd, cipher)
+        out = _BlobFile(fd, cipher, direct)
         digest = hashlib.sha256()
         out.put(sealer.prefix)
         for piece in _sanitised(source, plain):
@@ -628,7 +634,7 @@ def _write_blob(source: BinaryIO, blob: _Blob) -> _Written:
     finally:
         os.close(fd)
         source.close()
-    return _Written(tmp, f"{uuid.uuid4().hex}.enc", digest.hexdigest(), sealed)
+    return _Written(tmp, f"{token}.enc", digest.hexdigest(), sealed)
 
 
 @dataclass(frozen=True)
@@ -769,7 +775,12 @@ class StoreBatch:
                 earlier.written.tmp.unlink(missing_ok=True)
             outcome = Outcome.REPLACED
         relative_dir, directory = store._blob_directory(tenant, self._touched)
-        attributes = dicom_json(header.dataset)
+        try:
+            attributes = dicom_json(header.dataset)
+        except Exception as exc:  # a value pydicom cannot decode is bad input, not our fault
+            raise InvalidInstance(
+                f"the DICOM data cannot be decoded ({type(exc).__name__})"
+            ) from None
         attributes["00020010"] = {"vr": "UI", "Value": [header.transfer_syntax_uid]}
         accession = header.accession
         row = {
