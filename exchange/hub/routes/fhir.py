@@ -158,33 +158,6 @@ def _audit_now(
     )
 
 
-async def _audit(
-    services: HubServices,
-    request: Request,
-    principal: Principal,
-    action: AuditAction,
-    what: What,
-    *,
-    allowed: bool,
-    decision: decisions.Decision | None = None,
-    reason: str | None = None,
-    interaction: Interaction | None = None,
-) -> None:
-    await anyio.to_thread.run_sync(
-        lambda: _audit_now(
-            services,
-            request,
-            principal,
-            action,
-            what,
-            allowed=allowed,
-            decision=decision,
-            reason=reason,
-            interaction=interaction,
-        )
-    )
-
-
 def _authorize_now(
     services: HubServices,
     principal: Principal,
@@ -422,7 +395,11 @@ async def _audit_write(
     did: Interaction = (
         "delete" if letter == "d" else "create" if written.outcome == "created" else "update"
     )
-    await _audit(services, request, principal, action, what, allowed=True, interaction=did)
+    await anyio.to_thread.run_sync(
+        lambda: _audit_now(
+            services, request, principal, action, what, allowed=True, interaction=did
+        )
+    )
 
 
 @router.post("/{resource_type}")
