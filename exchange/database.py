@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ log = logging.getLogger(__name__)
 
 def make_engine(url: str, *, background_checkpoints: bool = False) -> Engine:
     """``background_checkpoints``: SQLite copies its WAL into the database from a
-    ``WalCheckpointer`` thread instead of inside whichever commit crosses 1,000 pages,
+    background thread (``checkpoint_wal``) instead of inside whichever commit crosses 1,000 pages,
     so no request pays for it (the hub's audited reads commit on every request)."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
@@ -50,39 +49,17 @@ def _no_autocheckpoint(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-class WalCheckpointer:
-    """Checkpoints a SQLite WAL every ``interval`` seconds in a daemon thread (PASSIVE:
-    never blocks readers or writers). A no-op for other databases."""
-
-    def __init__(self, engine: Engine, interval: float = 1.0) -> None:
-        self._engine = engine
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> WalCheckpointer:
-        if self._engine.dialect.name == "sqlite" and self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="wal-checkpoint", daemon=True)
-            self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self.checkpoint()
-
-    def checkpoint(self) -> None:
-        try:
-            with self._engine.connect() as connection:
-                connection.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
-        except SQLAlchemyError as exc:  # the next round tries again; the WAL just grows
-            log.warning("WAL checkpoint failed", extra={"error": type(exc).__name__})
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-        self.checkpoint()
+def checkpoint_wal(engine: Engine) -> None:
+    """Copy a SQLite WAL into the database (PASSIVE: never blocks readers or writers); a
+    no-op for other databases. A failure is logged: the next round tries again, meanwhile
+    the WAL just grows."""
+    if engine.dialect.name != "sqlite":
+        return
+    try:
+        with engine.connect() as connection:
+            connection.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+    except SQLAlchemyError as exc:
+        log.warning("WAL checkpoint failed", extra={"error": type(exc).__name__})
 
 
 def ping(engine: Engine) -> None:

@@ -175,54 +175,49 @@ class FactsCache:
         return found
 
 
-@dataclass
-class _Lookups:
-    """One decision round's view of sites and patient links (through the shared cache)."""
-
-    services: HubServices
-
-    def holder(self, endpoint_id: str) -> Holder | None:
-        return self.services.facts.holder(self.services, endpoint_id)
-
-    def patients(self, direct: Sequence[str]) -> tuple[str, ...]:
-        everyone: list[str] = []
-        for rid in direct:
-            everyone += [
-                p for p in self.services.facts.linked(self.services, rid) if p not in everyone
-            ]
-        return tuple(everyone)
+def _patients(services: HubServices, direct: Sequence[str]) -> tuple[str, ...]:
+    """``direct`` and every Patient id the master patient index links to them."""
+    everyone: list[str] = []
+    for rid in direct:
+        everyone += [p for p in services.facts.linked(services, rid) if p not in everyone]
+    return tuple(everyone)
 
 
-def _study_facts(lookups: _Lookups, item: Visible) -> ResourceFacts:
+def _study_facts(services: HubServices, item: Visible) -> ResourceFacts:
     facts = item.facts
-    holders = [lookups.holder(e) for e in _ids(facts.get("endpoint", ()), "Endpoint")]
+    endpoints = _ids(facts.get("endpoint", ()), "Endpoint")
+    holders = [services.facts.holder(services, e) for e in endpoints]
     custodians = {h.organization for h in holders if h is not None and h.organization}
     return ResourceFacts(
         study=item.id,
         # A study held by no known site, or claimed by two, has no custodian to grant it.
         custodian=custodians.pop() if len(custodians) == 1 else None,
-        patients=lookups.patients(_ids(facts.get("patient", ()), "Patient")),
+        patients=_patients(services, _ids(facts.get("patient", ()), "Patient")),
         uid=code_of(facts.get("identifier", ()), DICOM_UID_SYSTEM),
         security_labels=tuple(v.partition("|")[2] for v in facts.get("_security", ())),
         date=next(iter(facts.get("started", ())), None),
     )
 
 
-def _audit_facts(lookups: _Lookups, item: Visible) -> ResourceFacts:
+def _audit_facts(services: HubServices, item: Visible) -> ResourceFacts:
     facts = item.facts
     studies = _ids(facts.get("entity", ()), "ImagingStudy")
     return ResourceFacts(
         type="AuditEvent",
         study=studies[0] if studies else "",
         custodian=None,
-        patients=lookups.patients(_ids(facts.get("patient", ()), "Patient")),
+        patients=_patients(services, _ids(facts.get("patient", ()), "Patient")),
     )
 
 
-def resource_facts(lookups: _Lookups, item: Visible) -> ResourceFacts:
+def resource_facts(services: HubServices, item: Visible) -> ResourceFacts:
     if item.resource_type == "AuditEvent":
-        return _audit_facts(lookups, item)
-    return _study_facts(lookups, item)
+        return _audit_facts(services, item)
+    return _study_facts(services, item)
+
+
+def _undecidable(exc: ExchangeError) -> Decision:
+    return Decision(False, (f"access cannot be decided now ({exc.message}), so it is refused",))
 
 
 def _consents(services: HubServices, facts: Sequence[ResourceFacts]) -> list[dict[str, Any]]:
@@ -246,13 +241,11 @@ def decide(
     if not items:
         return []
     subject = subject_of(principal, reason)
-    lookups = _Lookups(services)
     try:
-        facts = [resource_facts(lookups, item) for item in items]
+        facts = [resource_facts(services, item) for item in items]
         consents = _consents(services, facts)
     except ExchangeError as exc:
-        refusal = f"access cannot be decided now ({exc.message}), so it is refused"
-        return [Decision(False, (refusal,)) for _ in items]
+        return [_undecidable(exc) for _ in items]
     by_patient: dict[str, list[Mapping[str, Any]]] = {}
     for consent in consents:
         by_patient.setdefault(_about(consent), []).append(consent)
@@ -311,16 +304,6 @@ def decide_study(
     return decide(services, principal, action, [study], reason)[0]
 
 
-def decide_studies(
-    services: HubServices,
-    principal: Principal,
-    action: Action,
-    studies: Sequence[Visible],
-    reason: str | None = None,
-) -> list[Decision]:
-    return decide(services, principal, action, studies, reason)
-
-
 def decide_with(
     services: HubServices,
     principal: Principal,
@@ -332,25 +315,23 @@ def decide_with(
     policy input (``share``: the provider-share Consent a ``revoke-share`` would end).
     Never raises: failure is a refusal."""
     try:
-        fact = resource_facts(_Lookups(services), item)
+        fact = resource_facts(services, item)
         consents = _consents(services, [fact])
     except ExchangeError as exc:
-        refusal = f"access cannot be decided now ({exc.message}), so it is refused"
-        return Decision(False, (refusal,))
+        return _undecidable(exc)
     question = DecisionInput(subject_of(principal), action, fact, tuple(consents))
     return decide_batch(services.policy, [{**question.as_input(), **extra}])[0]
 
 
 def study_patients(services: HubServices, study: Visible) -> tuple[str, ...]:
     """Every Patient id the study's patient is known by (for the audit)."""
-    return _Lookups(services).patients(_ids(study.facts.get("patient", ()), "Patient"))
+    return _patients(services, _ids(study.facts.get("patient", ()), "Patient"))
 
 
 def holder(services: HubServices, study: Visible) -> Holder | None:
     """The site holding ``study`` (its first DICOMweb Endpoint the index knows)."""
-    lookups = _Lookups(services)
     for endpoint in _ids(study.facts.get("endpoint", ()), "Endpoint"):
-        found = lookups.holder(endpoint)
+        found = services.facts.holder(services, endpoint)
         if found is not None:
             return found
     return None
@@ -360,9 +341,8 @@ def broker_view(body: dict[str, Any], broker: str) -> dict[str, Any]:
     """An Endpoint as callers see it: a DICOMweb address is the hub's broker, never a node."""
     if body.get("resourceType") != "Endpoint" or "address" not in body:
         return body
-    codes = {
-        str(c.get("code")) for c in [(body.get("connectionType") or {})] if isinstance(c, Mapping)
-    }
-    if not codes & {"dicom-wado-rs", "dicom-qido-rs", "dicom-stow-rs"}:
+    connection = body.get("connectionType")
+    code = connection.get("code") if isinstance(connection, Mapping) else None
+    if code not in ("dicom-wado-rs", "dicom-qido-rs", "dicom-stow-rs"):
         return body
     return {**body, "address": broker}

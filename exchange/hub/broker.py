@@ -692,7 +692,7 @@ class Broker:
         try:
             for batch in batches:
                 seen += len(batch)
-                verdicts = access.decide_studies(
+                verdicts = access.decide(
                     services, principal, "search", batch, reason=context.reason
                 )
                 for candidate, decision in zip(batch, verdicts, strict=True):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from sqlalchemy import Engine
 
 from exchange.audit.log import AuditLog
 from exchange.config import Settings
-from exchange.database import WalCheckpointer, make_engine, ping
+from exchange.database import checkpoint_wal, make_engine, ping
 from exchange.fhir.mpi import PatientIndex
 from exchange.fhir.repository import Repository, SqlRepository
 from exchange.hub.access import FactsCache
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 SERVICE = "hub"
 #: How often the audit chain's head is signed while records are being added.
 AUDIT_CHECKPOINT_SECONDS = 60.0
+#: How often the SQLite WAL is copied into the database.
+WAL_CHECKPOINT_SECONDS = 1.0
 
 
 @dataclass
@@ -107,24 +110,28 @@ class HubServices:
 
 
 class Upkeep:
-    """The hub's background work, off every request's path: the SQLite WAL is
-    checkpointed every second, and the audit chain's head is signed every
-    ``AUDIT_CHECKPOINT_SECONDS`` when records were added (besides every
+    """The hub's background work, off every request's path, in one thread: the SQLite WAL
+    is checkpointed every ``WAL_CHECKPOINT_SECONDS``, and the audit chain's head is signed
+    every ``AUDIT_CHECKPOINT_SECONDS`` when records were added (besides every
     ``checkpoint_every`` records and at shutdown)."""
 
     def __init__(self, engine: Engine, audit: AuditLog) -> None:
-        self._wal = WalCheckpointer(engine)
+        self._engine = engine
         self._audit = audit
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hub-upkeep", daemon=True)
 
     def start(self) -> Upkeep:
-        self._wal.start()
         self._thread.start()
         return self
 
     def _run(self) -> None:
-        while not self._stop.wait(AUDIT_CHECKPOINT_SECONDS):
+        signed = time.monotonic()
+        while not self._stop.wait(WAL_CHECKPOINT_SECONDS):
+            checkpoint_wal(self._engine)
+            if time.monotonic() - signed < AUDIT_CHECKPOINT_SECONDS:
+                continue
+            signed = time.monotonic()
             try:
                 self._audit.checkpoint()
             except Exception as exc:  # the next round tries again; verify shows what is unsigned
@@ -133,7 +140,7 @@ class Upkeep:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        self._wal.stop()
+        checkpoint_wal(self._engine)
 
 
 def grant_key_path(settings: Settings) -> Path:
