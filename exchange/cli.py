@@ -194,6 +194,28 @@ def _dev_token(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _dev_client(args: argparse.Namespace) -> int:
+    """A node's client_credentials client at the hub's development IdP (compose/, dev-idp)."""
+    from exchange.security import devidp
+
+    settings = _settings(args)
+    if not settings.dev_idp:
+        raise ConfigurationError(
+            "the development IdP is off (set EXCHANGE_DEV_IDP=true and EXCHANGE_DEV_MODE=true)"
+        )
+    from exchange.hub.services import SERVICE, idp_issuer
+
+    idp = devidp.DevIdentityProvider.open(
+        settings.data_path(SERVICE), idp_issuer(settings), settings.audience
+    )
+    try:
+        secret = idp.register_client(args.client_id, args.org)
+    except ValueError as exc:
+        raise UsageError(f"exchange dev client: {exc}") from None
+    print(secret)
+    return EXIT_OK
+
+
 def _node_settings(args: argparse.Namespace) -> Any:
     return _settings(args, data_dir=args.data_dir, node_id=args.node_id)
 
@@ -453,6 +475,130 @@ def _access_code_revoke(args: argparse.Namespace) -> int:
         engine.dispose()
     print(f"access code {code.display_id} {said}")
     return EXIT_OK
+
+
+def _backup_settings(args: argparse.Namespace) -> Any:
+    return _settings(args, data_dir=args.data_dir, node_id=args.node_id)
+
+
+def _backup(args: argparse.Namespace) -> int:
+    from exchange.backup import commands
+
+    if args.to is None:
+        raise UsageError("exchange backup: --to DEST is required (or a TOOL: verify, key)")
+    return commands.run_backup(
+        _backup_settings(args),
+        args.to,
+        role=args.role,
+        keys_to=args.keys_to,
+        no_keys=args.no_keys,
+        key_file=args.backup_key_file,
+        quiet=args.quiet,
+    )
+
+
+def _backup_verify(args: argparse.Namespace) -> int:
+    from exchange.backup import commands
+
+    return commands.run_verify(
+        _settings(args),
+        args.source,
+        snapshot_id=args.snapshot,
+        keys_from=args.keys_from,
+        key_file=args.backup_key_file,
+        quiet=args.quiet,
+    )
+
+
+def _backup_key(args: argparse.Namespace) -> int:
+    from exchange.backup import commands
+
+    return commands.run_keygen(args.out)
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from exchange.backup import commands
+
+    return commands.run_restore(
+        _backup_settings(args),
+        args.source,
+        role=args.role,
+        snapshot_id=args.snapshot,
+        keys_from=args.keys_from,
+        key_file=args.backup_key_file,
+        force=args.force,
+        quiet=args.quiet,
+    )
+
+
+def _add_backup_verbs(verbs: Any) -> None:
+    """backup [verify | key] and restore (exchange.backup; docs/operations.md)."""
+
+    def common(parser: argparse.ArgumentParser, service: bool) -> None:
+        _add_config(parser)
+        if service:
+            parser.add_argument(
+                "--role",
+                choices=["hub", "node"],
+                help="default: node when tenants are configured, else hub",
+            )
+            parser.add_argument("--data-dir", type=Path, metavar="DIR", help="its data directory")
+            parser.add_argument("--node-id", help="the node's id (EXCHANGE_NODE_ID)")
+        parser.add_argument(
+            "--backup-key-file",
+            type=Path,
+            metavar="FILE",
+            help="the backup key (default EXCHANGE_BACKUP_KEY_FILE or EXCHANGE_BACKUP_KEY)",
+        )
+        parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    backup = verbs.add_parser(
+        "backup",
+        help="back up a running hub or node (database, blobs, wrapped keys); verify a backup",
+        description="A consistent online snapshot: the database dumped in one read "
+        "transaction (encrypted with the backup key), the node's encrypted blobs (only new "
+        "ones are copied), the keys wrapped with the backup key and stored apart "
+        "(--keys-to). DEST and the key location: a directory or s3://BUCKET/PREFIX.",
+    )
+    backup.add_argument("--to", metavar="DEST", help="where the backup goes")
+    backup.add_argument(
+        "--keys-to", metavar="KEYDEST", help="where the wrapped key bundle goes (not DEST)"
+    )
+    backup.add_argument("--no-keys", action="store_true", help="do not export the keys")
+    common(backup, service=True)
+    backup.set_defaults(handler=_backup)
+    backup_verbs = backup.add_subparsers(dest="backup_verb", metavar="TOOL", parser_class=_Parser)
+    verify = backup_verbs.add_parser(
+        "verify",
+        help="check every file of a backup against its manifest, without restoring",
+        description="Exit 0 when intact, 1 when a file is missing or corrupted (named).",
+    )
+    verify.add_argument("--from", dest="source", required=True, metavar="SRC")
+    verify.add_argument("--snapshot", metavar="ID", help="default: the newest of each service")
+    verify.add_argument(
+        "--keys-from", metavar="KEYSRC", help="also check (and open) the key bundle there"
+    )
+    common(verify, service=False)
+    verify.set_defaults(handler=_backup_verify)
+    key = backup_verbs.add_parser("key", help="create a new backup key file (0600)")
+    key.add_argument("--out", type=Path, required=True, metavar="FILE")
+    key.set_defaults(handler=_backup_key)
+
+    restore = verbs.add_parser(
+        "restore",
+        help="rebuild a hub or node from a backup (stop the service first)",
+        description="Checks every file against the manifest before writing anything, builds "
+        "the data directory aside and swaps it in (PostgreSQL: one transaction). Refuses a "
+        "non-empty target unless --force.",
+    )
+    restore.add_argument("--from", dest="source", required=True, metavar="SRC")
+    restore.add_argument("--snapshot", metavar="ID", help="default: the newest of this service")
+    restore.add_argument(
+        "--keys-from", metavar="KEYSRC", help="the key bundle, or the location holding it"
+    )
+    restore.add_argument("--force", action="store_true", help="replace a non-empty target")
+    common(restore, service=True)
+    restore.set_defaults(handler=_restore)
 
 
 def _hub_index(args: argparse.Namespace) -> tuple[Any, Any, Any]:
@@ -856,6 +1002,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(handler=_audit_export)
     audit.set_defaults(handler=lambda _a: _missing(audit, "TOOL"))
 
+    _add_backup_verbs(verbs)
+
     share = verbs.add_parser(
         "share",
         help="list and revoke providers' shares of studies (HIE operators)",
@@ -969,6 +1117,61 @@ def build_parser() -> argparse.ArgumentParser:
     what_if.set_defaults(handler=_policy_what_if)
     policy.set_defaults(handler=lambda _a: _missing(policy, "TOOL"))
 
+    certs = verbs.add_parser(
+        "certs",
+        help="create a development PKI for HTTPS and mutual TLS (hub and nodes)",
+        description="A server CA (hub and node HTTPS certificates), a client CA (the hub's "
+        "client certificate, which nodes require) and their certificates; keys 0600.",
+    )
+    certs_verbs = certs.add_subparsers(dest="certs_verb", metavar="TOOL", parser_class=_Parser)
+    certs_init = certs_verbs.add_parser(
+        "init", help="write CAs and certificates into DIR (never overwrites without --force)"
+    )
+    certs_init.add_argument("--dir", type=Path, required=True, metavar="DIR")
+    certs_init.add_argument(
+        "--hub-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a further DNS name or IP of the hub (loopback names are always in); repeatable",
+    )
+    certs_init.add_argument(
+        "--node", action="append", default=[], metavar="ID", help="a node's id; repeatable"
+    )
+    certs_init.add_argument("--days", type=_positive, default=365, metavar="N")
+    certs_init.add_argument("--force", action="store_true", help="replace existing files")
+    certs_init.set_defaults(handler=_certs_init)
+    certs_show = certs_verbs.add_parser("show", help="describe a PEM certificate file")
+    certs_show.add_argument("file", type=Path, metavar="FILE")
+    certs_show.set_defaults(handler=_certs_show)
+    certs.set_defaults(handler=lambda _a: _missing(certs, "TOOL"))
+
+    db = verbs.add_parser(
+        "db",
+        help="the database schema: upgrade it, show its revision (Alembic migrations)",
+        description="Uses the service's settings (--config, EXCHANGE_*). --role defaults to "
+        "node when tenants are configured, else hub.",
+    )
+    db_verbs = db.add_subparsers(dest="db_verb", metavar="TOOL", parser_class=_Parser)
+    db_upgrade = db_verbs.add_parser(
+        "upgrade", help="bring the schema to this version (safe while services run)"
+    )
+    db_upgrade.add_argument(
+        "--sql", action="store_true", help="print the SQL instead of running it (offline)"
+    )
+    db_upgrade.add_argument(
+        "--from", dest="start", metavar="REV", help="with --sql: the revision to start from"
+    )
+    db_current = db_verbs.add_parser(
+        "current", help="the schema's revision (exit 1 when it is behind this version)"
+    )
+    for db_parser in (db_upgrade, db_current):
+        db_parser.add_argument("--role", choices=["hub", "node"])
+        _add_config(db_parser)
+    db_upgrade.set_defaults(handler=_db_upgrade)
+    db_current.set_defaults(handler=_db_current)
+    db.set_defaults(handler=lambda _a: _missing(db, "TOOL"))
+
     dev = verbs.add_parser("dev", help="development helpers (never for production)")
     dev_verbs = dev.add_subparsers(dest="dev_verb", metavar="TOOL", parser_class=_Parser)
     token = dev_verbs.add_parser("token", help="print a JWT from the development IdP")
@@ -992,8 +1195,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config(token)
     token.set_defaults(handler=_dev_token)
+    client = dev_verbs.add_parser(
+        "client",
+        help="register (or re-key) a node's client at the development IdP; print its secret",
+    )
+    client.add_argument("--id", dest="client_id", required=True, help="the client id")
+    client.add_argument("--org", required=True, help="organisation the client acts for")
+    _add_config(client)
+    client.set_defaults(handler=_dev_client)
     dev.set_defaults(handler=lambda _a: _missing(dev, "TOOL"))
     return parser
+
+
+def _certs_init(args: argparse.Namespace) -> int:
+    from exchange.security import tls
+
+    return tls.init_command(args.dir, args.hub_host, args.node, args.days, args.force)
+
+
+def _certs_show(args: argparse.Namespace) -> int:
+    from exchange.security import tls
+
+    return tls.show_command(args.file)
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from exchange.migrations.commands import upgrade_command
+
+    return upgrade_command(_settings(args), args.role, sql=args.sql, start=args.start)
+
+
+def _db_current(args: argparse.Namespace) -> int:
+    from exchange.migrations.commands import current_command
+
+    return current_command(_settings(args), args.role)
 
 
 def _missing(parser: argparse.ArgumentParser, what: str) -> int:

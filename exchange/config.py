@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     data_dir: Path | None = None
     #: SQLAlchemy URL; defaults to SQLite (WAL) inside data_dir.
     database_url: str | None = None
+    #: Bring the database schema to this version at start-up (serialised between processes);
+    #: off: start-up refuses a schema that is behind until ``exchange db upgrade`` has run.
+    database_auto_upgrade: bool = True
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
     #: Development conveniences (plain HTTP off loopback, dev IdP). Never in production.
@@ -94,6 +97,54 @@ class Settings(BaseSettings):
     max_body_bytes: Annotated[int, Field(ge=1024)] = 16 * MiB
     #: Largest STOW-RS upload accepted (streamed to disk, never held in memory).
     max_upload_bytes: Annotated[int, Field(ge=1024)] = 4096 * MiB
+    #: Serve HTTPS with this certificate (PEM, leaf first, then any intermediates) and key.
+    #: Required outside dev_mode; public_url then defaults to https://host:port.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    #: CA bundle that outgoing HTTPS calls (hub to node, node to hub, JWKS, registry) trust,
+    #: instead of the public CAs; unset: the public CAs.
+    tls_ca_file: Path | None = None
+    #: Node: answer hub grants only over connections presenting a client certificate that
+    #: chains to this CA (mutual TLS); required outside dev_mode on a node with a hub.
+    tls_client_ca_file: Path | None = None
+    #: Node: ... and whose subject CN or DNS/URI name is one of these (empty: any from that CA).
+    tls_client_names: list[str] = []
+    #: Hub: client certificate and key presented to nodes; required outside dev_mode.
+    tls_client_cert_file: Path | None = None
+    tls_client_key_file: Path | None = None
+    # Denial-of-service limits (docs/operations.md, "Limits").
+    #: Requests a second one credential (bearer token, API key) may make; 0 turns rate
+    #: limits off. A token bucket: ``rate_limit_burst`` may come at once.
+    rate_limit_per_second: Annotated[float, Field(ge=0, le=1_000_000)] = 100.0
+    rate_limit_burst: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    #: Requests a second from one client address without an accepted credential (none
+    #: yet, or ones never seen accepted): bounds floods of garbage tokens.
+    rate_limit_address_per_second: Annotated[float, Field(ge=0, le=1_000_000)] = 400.0
+    rate_limit_address_burst: Annotated[int, Field(ge=1, le=1_000_000)] = 2000
+    #: Clients (credentials, addresses) remembered; the least recently seen go first.
+    rate_limit_max_clients: Annotated[int, Field(ge=100, le=10_000_000)] = 100_000
+    #: Client networks never rate limited (e.g. the hub's addresses, at a node).
+    rate_limit_exempt_networks: list[str] = []
+    #: Who may read ``/metrics``: loopback always; anyone presenting this bearer token.
+    metrics_token: SecretStr | None = None
+    #: Connections and requests at once before uvicorn answers 503.
+    server_limit_concurrency: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    #: Connections waiting to be accepted (listen backlog).
+    server_backlog: Annotated[int, Field(ge=1, le=65535)] = 2048
+    #: Idle keep-alive connections are closed after this long.
+    server_keep_alive_seconds: Annotated[int, Field(ge=1, le=3600)] = 5
+    #: Addresses of reverse proxies whose X-Forwarded-For is believed (uvicorn's default).
+    forwarded_allow_ips: list[str] = ["127.0.0.1", "::1"]
+    #: Request line and headers: most bytes, most header fields (then 431), and how long
+    #: they may take to arrive (then 408 and the connection is closed).
+    max_header_bytes: Annotated[int, Field(ge=1024, le=16 * MiB)] = 64 * 1024
+    max_header_count: Annotated[int, Field(ge=8, le=10_000)] = 100
+    header_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    #: Request bodies: longest silence between two chunks, and the slowest average rate
+    #: (bytes/s, after the first ``body_grace_seconds``) before 408.
+    body_idle_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    body_min_bytes_per_second: Annotated[int, Field(ge=0, le=1_000_000_000)] = 1024
+    body_grace_seconds: Annotated[float, Field(ge=0, le=3600)] = 10.0
 
     # -- hub ---------------------------------------------------------------
     #: Run the built-in development identity provider at {hub}/idp. Demo and tests only.
@@ -132,10 +183,14 @@ class Settings(BaseSettings):
     broker_read_timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 30.0
     #: Broker: most connections to nodes at once (one shared keep-alive pool).
     broker_max_connections: Annotated[int, Field(ge=1, le=10_000)] = 100
-    #: Broker: idle keep-alive connections kept open to nodes.
-    broker_max_keepalive: Annotated[int, Field(ge=0, le=10_000)] = 20
+    #: Broker: how long an idle keep-alive connection to a node is kept open.
+    broker_keepalive_seconds: Annotated[float, Field(ge=0, le=3600)] = 15.0
     #: Broker: node calls one cross-site QIDO-RS search makes at the same time.
     broker_max_streams: Annotated[int, Field(ge=1, le=256)] = 8
+    #: Broker: node calls (and relayed answers) one caller may have open at once (then 429).
+    broker_streams_per_caller: Annotated[int, Field(ge=1, le=10_000)] = 16
+    #: Broker: calls open to one site's node at once (then 503).
+    broker_streams_per_node: Annotated[int, Field(ge=1, le=10_000)] = 64
     #: Patient access codes: validity when the issuer names none, and the longest allowed.
     access_code_default_days: Annotated[float, Field(gt=0, le=365)] = 7.0
     access_code_max_days: Annotated[float, Field(gt=0, le=365)] = 30.0
@@ -178,6 +233,15 @@ class Settings(BaseSettings):
     #: Longest wait between retries while the hub is unreachable or failing.
     outbox_retry_max_seconds: Annotated[float, Field(ge=0.5, le=3600)] = 30.0
 
+    # -- backup (exchange backup / restore) --------------------------------
+    #: Base64 of 32 bytes encrypting database dumps and wrapping exported keys ...
+    backup_key: SecretStr | None = None
+    #: ... or a 0600 file holding it (``exchange backup key --out FILE`` makes one).
+    backup_key_file: Path | None = None
+    #: S3-compatible endpoint for s3:// backup locations (else boto3's: AWS or
+    #: AWS_ENDPOINT_URL); credentials come from the usual AWS variables, never from here.
+    backup_s3_endpoint_url: str | None = None
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -188,6 +252,8 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if settings_cls.model_config.get("secrets_dir"):
+            sources.append(file_secret_settings)  # EXCHANGE_SECRETS_DIR: compose secrets
         toml_file = settings_cls.model_config.get("toml_file")
         if toml_file:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
@@ -225,6 +291,18 @@ class Settings(BaseSettings):
         ]:
             if (client is None) != (secret is None):
                 raise ValueError(f"{owner}hub_client_id and {owner}hub_client_secret go together")
+        for cert, key, pair in [
+            (self.tls_cert_file, self.tls_key_file, "tls_cert_file and tls_key_file"),
+            (
+                self.tls_client_cert_file,
+                self.tls_client_key_file,
+                "tls_client_cert_file and tls_client_key_file",
+            ),
+        ]:
+            if (cert is None) != (key is None):
+                raise ValueError(f"{pair} go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file")
         if self.dev_idp and not self.dev_mode:
             raise ValueError(
                 "dev_idp needs dev_mode = true (the development IdP is not for production)"
@@ -233,7 +311,8 @@ class Settings(BaseSettings):
 
     # -- derived -----------------------------------------------------------
     def base_url(self) -> str:
-        return self.public_url or f"http://{self.host}:{self.port}"
+        scheme = "https" if self.tls_cert_file is not None else "http"
+        return self.public_url or f"{scheme}://{self.host}:{self.port}"
 
     def data_path(self, service: str) -> Path:
         return (self.data_dir or Path.cwd() / "exchange-data" / service).resolve()
@@ -256,9 +335,15 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     path = config_file or (Path(env_file) if env_file else None)
     if path is not None and not path.is_file():
         raise ConfigurationError(f"configuration file {path} does not exist")
+    # A directory of files named after settings (EXCHANGE_MASTER_KEY, ...), e.g. the
+    # compose secrets in /run/secrets: secrets stay out of the environment and the image.
+    secrets_env = os.environ.get(f"{ENV_PREFIX}SECRETS_DIR")
+    secrets_dir = Path(secrets_env) if secrets_env else None
+    if secrets_dir is not None and not secrets_dir.is_dir():
+        raise ConfigurationError(f"{ENV_PREFIX}SECRETS_DIR: {secrets_dir} is not a directory")
 
     class _FileSettings(Settings):
-        model_config = SettingsConfigDict(toml_file=path)
+        model_config = SettingsConfigDict(toml_file=path, secrets_dir=secrets_dir)
 
     clean = {k: v for k, v in overrides.items() if v is not None}
     try:

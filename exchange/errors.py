@@ -8,6 +8,7 @@ into one line on stderr and an exit code.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 
 
@@ -144,3 +145,57 @@ class Unavailable(ExchangeError):
 
 class AuditUnavailable(Unavailable):
     """The audit trail cannot be written: no audit, no access."""
+
+
+class InsufficientStorage(Unavailable):
+    """The data directory's file system (or database) is full: nothing was stored."""
+
+    status = 507
+    code = "transient"
+
+
+class ReadOnlyStorage(Unavailable):
+    """The data directory (or database) cannot be written: nothing was stored."""
+
+
+#: errno values of a full file system (no space, quota) and of a read-only one.
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_READ_ONLY_ERRNOS = frozenset({errno.EROFS})
+#: What SQLite and PostgreSQL say when they cannot write (matched on the driver's error).
+_FULL_TEXTS = ("database or disk is full", "no space left on device", "disk full")
+_READ_ONLY_TEXTS = ("readonly database", "read-only file system")
+_FULL_SQLSTATES = frozenset({"53100"})  # PostgreSQL disk_full
+
+
+def storage_failure(exc: BaseException) -> Unavailable | None:
+    """The declared error for a write that failed because storage is full or read-only.
+
+    An ``OSError`` (ENOSPC, EDQUOT, EROFS) or a database driver's error wrapped by
+    SQLAlchemy (``exc.orig``); None for anything else. Lets the web layer answer 507 or
+    503 with a plain message instead of a 500, and the CLI say the same in one line.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (InsufficientStorage, ReadOnlyStorage)):
+            return current
+        number = getattr(current, "errno", None)
+        if isinstance(current, OSError) and number in _FULL_ERRNOS:
+            return InsufficientStorage(STORAGE_FULL)
+        if isinstance(current, OSError) and number in _READ_ONLY_ERRNOS:
+            return ReadOnlyStorage(STORAGE_READ_ONLY)
+        if getattr(current, "sqlstate", None) in _FULL_SQLSTATES:
+            return InsufficientStorage(STORAGE_FULL)
+        text = str(current).lower()
+        if not isinstance(current, OSError):
+            if any(t in text for t in _FULL_TEXTS):
+                return InsufficientStorage(STORAGE_FULL)
+            if any(t in text for t in _READ_ONLY_TEXTS):
+                return ReadOnlyStorage(STORAGE_READ_ONLY)
+        current = getattr(current, "orig", None) or current.__cause__ or current.__context__
+    return None
+
+
+STORAGE_FULL = "the server's storage is full; nothing was stored. Try again later"
+STORAGE_READ_ONLY = "the server's data directory is read-only; nothing can be stored"

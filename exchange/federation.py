@@ -13,20 +13,29 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from exchange.security import devidp, grants
 from exchange.security.grants import Action
 from exchange.security.keys import load_or_create
+from exchange.security.tls import HUB_CLIENT_NAME, Layout, init_pki
 
 READY_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 10.0
+
+#: Gives each service of every federation started from now on its own database (called
+#: with the service's name, returns a SQLAlchemy URL). The test suite sets it when
+#: EXCHANGE_TEST_DATABASE=postgresql; None: SQLite in each service's data directory.
+database_provider: Callable[[str], str] | None = None
 
 
 def free_port() -> int:
@@ -64,6 +73,8 @@ class NodeSpec:
     node_id: str
     organization: str
     tenant: str
+    #: Further tenants hosted on the same node (tenant -> organisation), for multi-tenant tests.
+    more_tenants: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -76,22 +87,29 @@ class LocalFederation:
     #: want a hub index untouched by the nodes.
     publishing: bool = True
     services: dict[str, Service] = field(default_factory=dict)
+    #: HTTPS everywhere from a development PKI (``certs init`` into ``root/pki``); nodes
+    #: take hub grants only with the hub's client certificate (mutual TLS).
+    tls: bool = False
 
     # -- lifecycle -----------------------------------------------------------
     def start(self) -> LocalFederation:
         try:
+            if self.tls:
+                init_pki(self.pki.directory, nodes=[s.node_id for s in self.nodes], force=True)
             hub = self._spawn(
                 "hub",
                 ["serve", "hub"],
                 {
                     "EXCHANGE_DEV_MODE": "true",
                     "EXCHANGE_DEV_IDP": "true",
+                    **self._tls_env("hub"),
                     **self.hub_env,
                 },
             )
             self._wait_ready(hub)
             for spec in self.nodes:
                 tenants = {spec.tenant: {"organization": spec.organization}}
+                tenants |= {t: {"organization": o} for t, o in spec.more_tenants.items()}
                 node = self._spawn(
                     spec.node_id,
                     ["serve", "node"],
@@ -103,6 +121,7 @@ class LocalFederation:
                         "EXCHANGE_ISSUERS": json.dumps([{"issuer": f"{hub.url}/idp"}]),
                         "EXCHANGE_DEV_MODE": "true",
                         **self._publishing_env(spec),
+                        **self._tls_env(spec.node_id),
                         **self.node_env,
                     },
                 )
@@ -160,6 +179,30 @@ class LocalFederation:
         self._wait_ready(service)
         return service
 
+    def replica(self, name: str, new_name: str) -> Service:
+        """Start another process of service ``name`` on a new port, sharing its settings,
+        data directory (keys), database and public URL: scale-out behind a load balancer
+        (needs a database both can share, i.e. PostgreSQL)."""
+        source = self.services[name]
+        port = free_port()
+        env = {
+            **source.env,
+            "EXCHANGE_PORT": str(port),
+            "EXCHANGE_PUBLIC_URL": source.env.get("EXCHANGE_PUBLIC_URL", source.url),
+        }
+        scheme = source.url.split("://", 1)[0]
+        replica = Service(
+            new_name,
+            f"{scheme}://127.0.0.1:{port}",
+            source.data_dir,
+            self.root / f"{new_name}.log",
+            env=env,
+        )
+        self.services[new_name] = replica
+        self._launch(replica, ["serve", "hub"] if name == "hub" else ["serve", "node"])
+        self._wait_ready(replica)
+        return replica
+
     def exchange(self, service: str, *args: str) -> str:
         """Run an ``exchange`` command with ``service``'s configuration; its stdout."""
         result = subprocess.run(  # noqa: S603 - our own interpreter and module
@@ -207,6 +250,49 @@ class LocalFederation:
             ttl=ttl,
         )
 
+    # -- TLS (tls=True) ---------------------------------------------------------
+    @property
+    def pki(self) -> Layout:
+        return Layout(self.root / "pki")
+
+    def verify(self, *, as_hub: bool = False) -> ssl.SSLContext | bool:
+        """httpx ``verify=`` for calls into the federation: trust its CA; with ``as_hub``
+        also present the hub's client certificate (what nodes require for grants)."""
+        if not self.tls:
+            return True
+        context = ssl.create_default_context(cafile=self.pki.ca.cert)
+        if as_hub:
+            context.load_cert_chain(self.pki.hub_client.cert, self.pki.hub_client.key)
+        return context
+
+    def http(self, *, as_hub: bool = False, **options: Any) -> httpx.Client:
+        """An httpx client that reaches the federation's services (see ``verify``)."""
+        return httpx.Client(verify=self.verify(as_hub=as_hub), **options)
+
+    def _tls_env(self, name: str) -> dict[str, str]:
+        if not self.tls:
+            return {}
+        own = self.pki.hub if name == "hub" else self.pki.node(name)
+        env = {
+            "EXCHANGE_TLS_CERT_FILE": str(own.cert),
+            "EXCHANGE_TLS_KEY_FILE": str(own.key),
+            "EXCHANGE_TLS_CA_FILE": str(self.pki.ca.cert),
+        }
+        if name == "hub":
+            env["EXCHANGE_TLS_CLIENT_CERT_FILE"] = str(self.pki.hub_client.cert)
+            env["EXCHANGE_TLS_CLIENT_KEY_FILE"] = str(self.pki.hub_client.key)
+        else:
+            env["EXCHANGE_TLS_CLIENT_CA_FILE"] = str(self.pki.client_ca.cert)
+            env["EXCHANGE_TLS_CLIENT_NAMES"] = json.dumps([HUB_CLIENT_NAME])
+        return env
+
+    def database_url(self, name: str) -> str:
+        """The SQLAlchemy URL of ``name``'s database (its setting, else its SQLite file)."""
+        service = self.services[name]
+        return service.env.get("EXCHANGE_DATABASE_URL") or (
+            f"sqlite:///{service.data_dir / 'exchange.db'}"
+        )
+
     def logs(self) -> str:
         return "\n".join(
             f"--- {s.name} ({s.log_path}) ---\n{s.log_tail()}" for s in self.services.values()
@@ -234,10 +320,15 @@ class LocalFederation:
             "EXCHANGE_HOST": "127.0.0.1",
             "EXCHANGE_PORT": str(port),
             "EXCHANGE_DATA_DIR": str(data_dir),
+            **({"EXCHANGE_DATABASE_URL": database_provider(name)} if database_provider else {}),
             **env,
         }
         service = Service(
-            name, f"http://127.0.0.1:{port}", data_dir, self.root / f"{name}.log", env=full_env
+            name,
+            f"{'https' if self.tls else 'http'}://127.0.0.1:{port}",
+            data_dir,
+            self.root / f"{name}.log",
+            env=full_env,
         )
         self._launch(service, args)
         self.services[name] = service
@@ -265,7 +356,8 @@ class LocalFederation:
                     f"{service.log_tail()}"
                 )
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{service.url}/readyz", timeout=2).status_code == 200:
+                ready = httpx.get(f"{service.url}/readyz", timeout=2, verify=self.verify())
+                if ready.status_code == 200:
                     return
             time.sleep(0.1)
         raise RuntimeError(

@@ -11,14 +11,29 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
+
+#: The id of the request being served (or of the outbox delivery being sent): every log
+#: line written meanwhile carries it, and calls to the hub or a node pass it on.
+request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
     "message",
     "asctime",
     "color_message",
 }
+
+
+class RequestIdFilter(logging.Filter):
+    """Stamp each record with the current request id, when there is one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        current = request_id.get()
+        if current is not None and not hasattr(record, "request_id"):
+            record.request_id = current
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -37,6 +52,7 @@ class JsonFormatter(logging.Formatter):
 
 def configure(level: str = "info", fmt: str = "json", service: str = "exchange") -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RequestIdFilter())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

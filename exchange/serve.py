@@ -9,6 +9,9 @@ import uvicorn
 
 from exchange import logs
 from exchange.config import Settings
+from exchange.security import tls
+from exchange.web.peer import PeerCertProtocol
+from exchange.web.protocol import HeaderLimits, guarded_protocol
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +22,10 @@ def run(role: str, settings: Settings) -> int:
         settings.log_format,
         service=role if role == "hub" else f"node-{settings.node_id}",
     )
+    # Transport first: a production service without HTTPS, or with a plain-HTTP URL,
+    # stops here with one line naming the setting, before anything is created.
+    tls.require_secure_transport(settings, role)
+    context = tls.server_context(settings)
     if role == "hub":
         from exchange.hub.app import create_app
     else:
@@ -34,10 +41,21 @@ def run(role: str, settings: Settings) -> int:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        # Over TLS the protocol adds the client certificate to each request's scope (and
+        # closes idle connections at once on shutdown).
+        # Header size, count and time limits (exchange.web.protocol) over either protocol.
+        http=guarded_protocol(
+            HeaderLimits.of(settings), PeerCertProtocol if context is not None else None
+        ),
+        ssl_context_factory=None if context is None else (lambda _config, _default: context),
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=5,
         server_header=False,
+        # Denial-of-service limits (docs/operations.md, "Limits").
+        limit_concurrency=settings.server_limit_concurrency,
+        backlog=settings.server_backlog,
+        timeout_keep_alive=settings.server_keep_alive_seconds,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
     )
     return 0

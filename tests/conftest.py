@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from exchange import federation as federation_module
 from exchange.federation import LocalFederation, NodeSpec
 
 SITES = [
@@ -15,6 +16,27 @@ SITES = [
 ]
 
 _federations: list[LocalFederation] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _test_database() -> Iterator[None]:
+    """EXCHANGE_TEST_DATABASE=postgresql: every federation's hub and nodes get their own
+    database on one throwaway PostgreSQL server for the session (started when first needed)."""
+    from tests import pg
+
+    if not pg.requested():
+        yield
+        return
+    reason = pg.unavailable_reason()
+    if reason is not None:  # asked for PostgreSQL: failing beats passing on SQLite unnoticed
+        pytest.exit(f"{pg.SWITCH}=postgresql, but {reason}", returncode=2)
+    databases = pg.Databases()
+    federation_module.database_provider = databases.create
+    try:
+        yield
+    finally:
+        federation_module.database_provider = None
+        databases.close()
 
 
 @pytest.fixture(scope="session")

@@ -47,12 +47,14 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Field, SQLModel
 
+from exchange import metrics
 from exchange.errors import AuditUnavailable, Unavailable
 from exchange.fhir import searchparams as sp
 from exchange.fhir.repository import HIST, RES, SqlRepository
+from exchange.migrations import ensure_schema
 from exchange.security.keys import SigningKey
 
 log = logging.getLogger(__name__)
@@ -206,11 +208,7 @@ class AuditLog:
         self._signer = signer
         self._every = checkpoint_every
         self._issuer = issuer
-        try:
-            SQLModel.metadata.create_all(engine, tables=TABLES)
-        except (IntegrityError, ProgrammingError, OperationalError):
-            # Another hub process created them between the check and the CREATE.
-            SQLModel.metadata.create_all(engine, tables=TABLES)
+        ensure_schema(engine, "hub")
         self._ensure_head()
 
     def _ensure_head(self) -> None:
@@ -257,6 +255,8 @@ class AuditLog:
         except (SQLAlchemyError, OSError) as exc:
             log.error("audit write failed", extra={"error": type(exc).__name__})
             raise AuditUnavailable(UNAVAILABLE) from None
+        metrics.AUDIT_RECORDS.inc(count)
+        metrics.AUDIT_CHAIN_LENGTH.set(last)
         if self._signer is not None and last // self._every > (first - 1) // self._every:
             try:
                 self.checkpoint()
@@ -311,6 +311,12 @@ class AuditLog:
         return None if row is None else Checkpoint(seq, row[0], row[1], sp.from_ms(row[2]))
 
     # -- reading -----------------------------------------------------------------
+    def length(self) -> int:
+        """Records in the chain (its head's sequence number; metrics)."""
+        with self._engine.connect() as conn:
+            seq = conn.execute(select(HEAD.c.seq).where(HEAD.c.id == 1)).scalar()
+        return int(seq or 0)
+
     def check(self) -> None:
         """Readiness: raise if the chain head cannot be read."""
         with self._engine.connect() as conn:

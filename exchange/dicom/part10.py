@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import re
+import zlib
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -19,6 +20,9 @@ import pydicom.config
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
 from exchange.uids import is_uid
 
@@ -141,6 +145,14 @@ def _int(ds: Dataset, keyword: str) -> int | None:
 
 #: Values larger than this are not read, only located (so Pixel Data is never loaded).
 _DEFER_BYTES = 64 * 1024
+#: A deflated data set is held inflated in memory: larger than this is refused.
+MAX_INFLATED_BYTES = 256 * 1024 * 1024
+_INFLATE_CHUNK = 1024 * 1024
+_DEFLATED_UID = DeflatedExplicitVRLittleEndian.encode("ascii")
+#: A File Meta group up to this size is checked for the deflated syntax without parsing.
+_META_PEEK = 64 * 1024
+#: Explicit VRs with a 4-byte length (after 2 reserved bytes), as pydicom reads them.
+_LONG_LENGTH_VRS = frozenset(str(vr).encode() for vr in EXPLICIT_VR_LENGTH_32)
 
 
 def _check_declared_lengths(ds: Dataset, stream: BinaryIO) -> None:
@@ -164,22 +176,93 @@ def _check_declared_lengths(ds: Dataset, stream: BinaryIO) -> None:
             )
 
 
+def _meta_end(data: bytes) -> int | None:
+    """Where the File Meta group (explicit VR little endian) that ``data`` starts with ends,
+    or None when it does not end inside ``data``. Walked the way pydicom reads it: element
+    after element up to the first of another group (its group length is not trusted)."""
+    at = 0
+    while at + 8 <= len(data):
+        if data[at : at + 2] != b"\x02\x00":
+            return at
+        vr = data[at + 4 : at + 6]
+        if vr in _LONG_LENGTH_VRS:
+            at += 12 + int.from_bytes(data[at + 8 : at + 12], "little")
+        elif not b"AA" <= vr <= b"ZZ":  # pydicom then reads it as implicit VR
+            at += 8 + int.from_bytes(data[at + 4 : at + 8], "little")
+        else:
+            at += 8 + int.from_bytes(data[at + 6 : at + 8], "little")
+    return None
+
+
+def _deflated(stream: BinaryIO) -> bool:
+    """Whether the File Meta Information names the deflated transfer syntax; if so,
+    ``stream`` is left at the start of the (deflated) data set.
+
+    ``stream`` is positioned after the ``DICM`` prefix. The usual case is answered by
+    walking the meta's elements and a byte search (parsing it twice cost ~15% of a header).
+    """
+    start = stream.tell()
+    peek = stream.read(_META_PEEK)
+    end = _meta_end(peek)
+    if end is not None and _DEFLATED_UID not in peek[:end]:
+        return False
+    stream.seek(start)
+    try:
+        meta = _read_file_meta_info(stream)
+        return str(meta.get("TransferSyntaxUID", "")) == DeflatedExplicitVRLittleEndian
+    except Exception:  # the full parse below says what is wrong with it
+        return False
+
+
+def _check_inflated_size(stream: BinaryIO) -> None:
+    """pydicom inflates a deflated data set whole, in memory: refuse a deflate bomb first.
+
+    Inflated chunk by chunk here, keeping only the count, from the stream's position.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    try:
+        while chunk := stream.read(_INFLATE_CHUNK):
+            while chunk:
+                total += len(inflater.decompress(chunk, _INFLATE_CHUNK))
+                if total > MAX_INFLATED_BYTES:
+                    raise InvalidInstance(
+                        f"the deflated data set inflates to more than {MAX_INFLATED_BYTES} bytes",
+                        REASON_TOO_LARGE,
+                    )
+                chunk = inflater.unconsumed_tail
+    except zlib.error:
+        raise InvalidInstance("the deflated data set cannot be inflated") from None
+
+
 def read_header(stream: BinaryIO) -> InstanceHeader:
     """Validate a Part 10 instance read from ``stream`` (positioned at its start)."""
     preamble = stream.read(PREAMBLE_LENGTH)
     prefix = stream.read(len(PREFIX))
     if len(preamble) < PREAMBLE_LENGTH or prefix != PREFIX:
         raise InvalidInstance("not a DICOM Part 10 file (no 128-byte preamble and 'DICM' prefix)")
+    # Deflated: pydicom holds it inflated whole, and deferred values' offsets would point
+    # into that inflated copy, not into ``stream``; so bound its size and defer nothing.
+    defer: int | None = _DEFER_BYTES
+    if _deflated(stream):
+        _check_inflated_size(stream)
+        defer = None
     stream.seek(0)
     try:
-        ds = pydicom.dcmread(stream, defer_size=_DEFER_BYTES, force=False)
+        ds = pydicom.dcmread(stream, defer_size=defer, force=False)
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError) as exc:
         raise InvalidInstance(f"the DICOM data cannot be parsed ({type(exc).__name__})") from None
     except Exception as exc:  # pydicom raises a wide variety on hostile input
         raise InvalidInstance(f"the DICOM data cannot be parsed ({type(exc).__name__})") from None
     _check_declared_lengths(ds, stream)
     meta = getattr(ds, "file_meta", None)
-    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    try:
+        syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+        meta_sop = str(meta.get("MediaStorageSOPInstanceUID", "") or "") if meta else ""
+    except Exception as exc:  # e.g. an unknown VR: pydicom converts such an element only now
+        raise InvalidInstance(
+            f"the File Meta Information cannot be decoded ({type(exc).__name__})"
+        ) from None
     if not syntax:
         raise InvalidInstance("the File Meta Information has no Transfer Syntax UID")
     try:
@@ -202,7 +285,6 @@ def read_header(stream: BinaryIO) -> InstanceHeader:
         raise
     except Exception as exc:  # a value that cannot be decoded is bad input, not our failure
         raise InvalidInstance(f"the DICOM data cannot be decoded ({type(exc).__name__})") from None
-    meta_sop = str(ds.file_meta.get("MediaStorageSOPInstanceUID", "") or "")
     if meta_sop and meta_sop != header.sop_uid:
         raise InvalidInstance("File Meta SOP Instance UID does not match the data set's")
     return header

@@ -29,6 +29,7 @@ from exchange.errors import BadRequest, Gone, NotFound
 from exchange.fhir import searchparams as sp
 from exchange.fhir.repository import Repository
 from exchange.fhir.search import Criterion, SearchQuery, parse
+from exchange.migrations import ensure_schema
 
 LINK_TYPE = "seealso"
 MAX_LINKED = 50
@@ -93,7 +94,7 @@ class PatientIndex:
         self._repository = repository
         self._hie_system = hie_system
         self._base = local_base
-        SQLModel.metadata.create_all(engine, tables=[ReviewItem.__table__])  # type: ignore[attr-defined]
+        ensure_schema(engine, "hub")
 
     # -- matching --------------------------------------------------------------
     def _ids(self, resource_type: str, items: list[tuple[str, str]]) -> list[str]:
@@ -254,7 +255,9 @@ class PatientIndex:
             ]
             if len(direct) != len(criterion.values):
                 return criterion  # other target types or absolute URLs: leave as asked
-        everyone = self.linked(direct) or ["\0no-such-patient"]
+        # Nobody: a reference no resource can have ("!" is not in FHIR ids; not NUL, which
+        # PostgreSQL text refuses).
+        everyone = self.linked(direct) or ["!no-such-patient"]
         return Criterion(
             criterion.param, None, tuple(sp.RefValue("Patient", rid) for rid in everyone)
         )

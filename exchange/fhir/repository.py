@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import uuid
+import zlib
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from sqlalchemy import (
     union_all,
     update,
 )
+from sqlalchemy import text as sql_text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql import ColumnElement
 from sqlalchemy.sql.selectable import FromClause
@@ -56,6 +58,7 @@ from sqlmodel import Field, SQLModel
 from exchange.errors import BadRequest, Conflict, Gone, NotFound, PreconditionFailed
 from exchange.fhir import searchparams as sp
 from exchange.fhir.search import Criterion, Include, SearchQuery
+from exchange.migrations import ensure_schema
 
 _KEY = BigInteger().with_variant(Integer(), "sqlite")
 #: Normalised strings compare byte-wise on both databases, so a prefix is a range scan.
@@ -358,7 +361,7 @@ class SqlRepository:
         self._engine = engine
         #: Our own ``{base}/fhir``: absolute references to it are indexed as relative ones.
         self._base = local_base
-        SQLModel.metadata.create_all(engine, tables=TABLES)
+        ensure_schema(engine, "hub")
 
     # -- writes ----------------------------------------------------------------
     @contextmanager
@@ -392,6 +395,7 @@ class SqlRepository:
     ) -> Written:
         with self._transaction(resource_type) as conn:
             if if_none_exist is not None:
+                _serialise_conditional(conn, resource_type)
                 found = self._match(conn, if_none_exist, 2)
                 if len(found) > 1:
                     raise PreconditionFailed(
@@ -428,6 +432,7 @@ class SqlRepository:
     ) -> Written:
         """0 matches: create; 1: update it (no new version if nothing changed); more: 412."""
         with self._transaction(resource_type) as conn:
+            _serialise_conditional(conn, resource_type)
             found = self._match(conn, conditions, 2)
             if len(found) > 1:
                 raise PreconditionFailed(
@@ -775,6 +780,21 @@ class SqlRepository:
                 for pk, rtype, rid, facts in rows:
                     found.setdefault(pk, Candidate(pk, rtype, rid, json.loads(facts)))
         return list(found.values())[:limit]
+
+
+#: First key of the advisory lock that serialises conditional writes of one resource type.
+_CONDITIONAL_LOCK = 0x46484952  # "FHIR"
+
+
+def _serialise_conditional(conn: Connection, resource_type: str) -> None:
+    """Conditional writes of one type, one at a time until commit, on PostgreSQL: there two
+    transactions (of one hub process or of several sharing the database) could otherwise
+    both find no match and both create."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(
+            sql_text("SELECT pg_advisory_xact_lock(:a, :b)"),
+            {"a": _CONDITIONAL_LOCK, "b": zlib.crc32(resource_type.encode()) & 0x7FFFFFFF},
+        )
 
 
 def _check_if_match(

@@ -39,7 +39,20 @@ def parse_json(body: bytes) -> dict[str, Any]:
         raise BadRequest("the request body nests too deeply to be a FHIR resource") from None
     if not isinstance(data, dict):
         raise BadRequest("the request body must be a JSON object (a FHIR resource)")
+    if b"\\u0000" in body and _has_nul(data):
+        # Not a valid FHIR string, and PostgreSQL text cannot hold it.
+        raise BadRequest("the request body holds a NUL character (\\u0000), which FHIR forbids")
     return data
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\0" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 def validate(resource_type: str, data: dict[str, Any]) -> Resource:

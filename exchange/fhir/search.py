@@ -317,6 +317,8 @@ def parse(
     """A ``SearchQuery`` from request parameters; 400 listing every problem otherwise."""
     parser = _Parser(resource_type, lenient, local_base)
     for key, raw in items:
+        if "\0" in key or "\0" in raw:  # no FHIR value has one; PostgreSQL text refuses it
+            raise BadRequest(f"invalid search: {key.replace(chr(0), '')!r} holds a NUL character")
         parser.add(key, raw)
     if parser.issues:
         first = parser.issues[0].diagnostics

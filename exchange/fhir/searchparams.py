@@ -362,23 +362,25 @@ def parse_date(text: str) -> tuple[int, int]:
         )
     except ValueError as exc:
         raise ValueError(f"{text!r} is not a valid date: {exc}") from None
+    # Fixed widths are added in ms: a datetime past 9999-12-31 cannot exist (OverflowError).
+    start_ms = to_ms(start)
     if g["f"]:
-        width = (
-            timedelta(milliseconds=1) if len(g["f"]) >= 3 else timedelta(seconds=10 ** -len(g["f"]))
-        )
-        end_ms = to_ms(start + width)
+        end_ms = start_ms + (1 if len(g["f"]) >= 3 else 10 ** (3 - len(g["f"])))
     elif g["S"]:
-        end_ms = to_ms(start + timedelta(seconds=1))
+        end_ms = start_ms + 1000
     elif g["M"]:
-        end_ms = to_ms(start + timedelta(minutes=1))
+        end_ms = start_ms + 60_000
     elif g["d"]:
-        end_ms = to_ms(start + timedelta(days=1))
+        end_ms = start_ms + 86_400_000
     elif g["m"]:
         month = start.month % 12 + 1
-        end_ms = to_ms(start.replace(year=year + (start.month == 12), month=month))
+        if year == 9999 and month == 1:
+            end_ms = MAX_MS
+        else:
+            end_ms = to_ms(start.replace(year=year + (start.month == 12), month=month))
     else:
         end_ms = to_ms(start.replace(year=year + 1)) if year < 9999 else MAX_MS
-    return to_ms(start), end_ms
+    return start_ms, end_ms
 
 
 DatePrefix = Literal["eq", "ne", "lt", "gt", "le", "ge", "sa", "eb", "ap"]

@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
+from exchange import metrics
 from exchange.errors import ExchangeError, Forbidden, Gone, NotFound
 from exchange.policy.decisions import (
     Action,
@@ -245,6 +246,7 @@ def decide(
         facts = [resource_facts(services, item) for item in items]
         consents = _consents(services, facts)
     except ExchangeError as exc:
+        metrics.count_decisions(action, 0, len(items))
         return [_undecidable(exc) for _ in items]
     by_patient: dict[str, list[Mapping[str, Any]]] = {}
     for consent in consents:
@@ -256,7 +258,10 @@ def decide(
         # An audit record is read under the audit rule whatever the interaction.
         asked: Action = "read-audit" if fact.type == "AuditEvent" else action
         questions.append(DecisionInput(subject, asked, fact, tuple(unique)))
-    return decide_batch(services.policy, questions)
+    verdicts = decide_batch(services.policy, questions)
+    allowed = sum(1 for verdict in verdicts if verdict.allow)
+    metrics.count_decisions(action, allowed, len(verdicts) - allowed)
+    return verdicts
 
 
 def filter_visible(
@@ -318,9 +323,12 @@ def decide_with(
         fact = resource_facts(services, item)
         consents = _consents(services, [fact])
     except ExchangeError as exc:
+        metrics.count_decisions(action, 0, 1)
         return _undecidable(exc)
     question = DecisionInput(subject_of(principal), action, fact, tuple(consents))
-    return decide_batch(services.policy, [{**question.as_input(), **extra}])[0]
+    decision = decide_batch(services.policy, [{**question.as_input(), **extra}])[0]
+    metrics.count_decisions(action, int(decision.allow), int(not decision.allow))
+    return decision
 
 
 def study_patients(services: HubServices, study: Visible) -> tuple[str, ...]:

@@ -72,7 +72,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Field, SQLModel
 
 from exchange.audit.events import AuditAction, What
@@ -89,6 +89,7 @@ from exchange.errors import (
     Unprocessable,
 )
 from exchange.hub import access, auditing
+from exchange.migrations import ensure_schema
 from exchange.policy.decisions import Decision
 from exchange.security.keys import SigningKey
 from exchange.security.tokens import Principal, principal_from_claims
@@ -434,11 +435,7 @@ class AccessCodes:
         self._key = key
         self.limits = limits or Limits()
         self._clock = clock
-        try:
-            SQLModel.metadata.create_all(engine, tables=TABLES)
-        except (IntegrityError, ProgrammingError, OperationalError):
-            # Another hub process created them between the check and the CREATE.
-            SQLModel.metadata.create_all(engine, tables=TABLES)
+        ensure_schema(engine, "hub")
 
     def now_ms(self) -> int:
         return int(self._clock() * 1000)

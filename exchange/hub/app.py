@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from exchange import __version__
+from exchange import __version__, metrics
 from exchange.config import Settings
 from exchange.hub import services
 from exchange.hub.broker import PREFIX as BROKER_PREFIX
@@ -57,4 +57,14 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(shares.router)
     app.include_router(viewer.router)
     app.mount("/viewer/static", StaticFiles(directory=viewer.STATIC), name="viewer-static")
-    return finish(app, lambda _path: settings.max_body_bytes, built.checks)
+
+    def audit_length() -> None:
+        metrics.AUDIT_CHAIN_LENGTH.set(built.audit.length())
+
+    return finish(
+        app,
+        lambda _path: settings.max_body_bytes,
+        built.checks,
+        settings=settings,
+        refresh=[audit_length],
+    )

@@ -37,18 +37,19 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
 
 import anyio
-import httpcore
 import httpx
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
 from sqlalchemy import bindparam, false, select
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
+from exchange import logs
 from exchange.audit.events import AuditAction, What
 from exchange.errors import (
     BadRequest,
@@ -63,9 +64,12 @@ from exchange.errors import (
 from exchange.fhir import search
 from exchange.fhir.repository import RES, TOK, Candidate
 from exchange.hub import access, auditing
+from exchange.hub.nodetransport import AiohttpTransport
 from exchange.hub.services import HubServices
+from exchange.hub.streams import StreamLimits
+from exchange.metrics import BROKER_BYTES
 from exchange.policy.decisions import Decision
-from exchange.security import grants
+from exchange.security import grants, tls
 from exchange.security.grants import Action
 from exchange.security.tokens import Principal
 from exchange.uids import is_uid
@@ -76,8 +80,6 @@ PREFIX = "/dicomweb"
 DICOM_JSON = "application/dicom+json"
 #: Bytes relayed per write: 64 KiB writes cost 3-4x the CPU (DESIGN.md §3a).
 CHUNK = 1024 * 1024
-#: Largest read from a node's socket.
-CHUNK_READ = 1024 * 1024
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 #: Most index candidates one study search looks at (a wider search is asked to narrow).
@@ -409,6 +411,8 @@ class _Call:
     grant: str
     #: ``{node}/dicomweb`` as it appears in the node's DICOM JSON, and its broker twin.
     rewrite: tuple[bytes, bytes] | None
+    #: The holding node's id (concurrency limits and metrics count by it).
+    node: str = ""
 
 
 @dataclass(frozen=True)
@@ -419,6 +423,8 @@ class _Found:
     site: str
     address: str | None
     grant: str | None
+    #: The holding node's id (concurrency limits count by it).
+    node: str = ""
 
 
 @dataclass(frozen=True)
@@ -451,16 +457,28 @@ class StudyRequest:
     address: str | None
 
 
-def _read_more_at_once() -> None:
-    """Let httpcore read up to 1 MiB a time from a socket (it reads 64 KiB by default).
+def _close_all(closers: Sequence[Callable[[], None]]) -> None:
+    for close in closers:
+        close()
 
-    Relaying a study, those reads are most of the broker's CPU; larger ones (the
-    socket gives what it has) cut the hub's CPU per study by ~20-25% here (measured
-    with benchmarks/broker.py). It is a class attribute of httpcore's HTTP/1.1
-    connection, so it holds for the hub process; left alone if httpcore drops it.
-    """
-    if hasattr(httpcore.AsyncHTTP11Connection, "READ_NUM_BYTES"):
-        httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = CHUNK_READ
+
+class _ClosingStream(StreamingResponse):
+    """A relayed answer that ends its broker streams when it is done, however it ends."""
+
+    closers: Sequence[Callable[[], None]] = ()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            _close_all(self.closers)
+
+
+async def _counting(chunks: AsyncIterator[bytes], counter: Any) -> AsyncIterator[bytes]:
+    """``chunks``, adding their sizes to a bytes counter as they pass."""
+    async for chunk in chunks:
+        counter.inc(len(chunk))
+        yield chunk
 
 
 class Broker:
@@ -484,19 +502,22 @@ class Broker:
         self._client = httpx.AsyncClient(
             transport=transport, timeout=timeout, follow_redirects=False, trust_env=False
         )
+        self.streams = StreamLimits(
+            settings.broker_streams_per_caller, settings.broker_streams_per_node
+        )
 
     @classmethod
     def open(cls, services: HubServices) -> Broker:
         """A broker with its own connection pool, sized and timed by the settings."""
         settings = services.settings
-        _read_more_at_once()
-        transport = httpx.AsyncHTTPTransport(
-            limits=httpx.Limits(
-                max_connections=settings.broker_max_connections,
-                max_keepalive_connections=settings.broker_max_keepalive,
-            ),
-            trust_env=False,
+        # TLS to the nodes (trust, the hub's client certificate, HTTPS only in production).
+        transport: httpx.AsyncBaseTransport = AiohttpTransport(
+            ssl_context=tls.client_context(settings, identify=True),
+            max_connections=settings.broker_max_connections,
+            keepalive_seconds=settings.broker_keepalive_seconds,
         )
+        if not settings.dev_mode:
+            transport = tls.HttpsOnlyTransport(transport)
         return cls(services, transport)
 
     async def aclose(self) -> None:
@@ -506,18 +527,38 @@ class Broker:
     async def study(self, principal: Principal, request: StudyRequest) -> Response:
         """Answer one WADO-RS or in-study QIDO-RS request from the node holding the study."""
         started = time.perf_counter()
-        call = await anyio.to_thread.run_sync(self._authorize, principal, request)
+        # Counted from before the decision until the answer is relayed (exchange.hub.streams).
+        closers = [self.streams.caller(principal.sub)]
+        try:
+            call = await anyio.to_thread.run_sync(self._authorize, principal, request)
+            closers.append(self.streams.node(call.node, call.site))
+            response = await self._relayed(call, request, started)
+        except BaseException:
+            _close_all(closers)
+            raise
+        if isinstance(response, _ClosingStream):
+            response.closers = closers
+        else:
+            _close_all(closers)
+        return response
+
+    async def _relayed(self, call: _Call, request: StudyRequest, started: float) -> Response:
+        """The node's answer to ``call``: whole when small, else a stream being relayed."""
         decided = time.perf_counter()
         url = call.url + request.path + (f"?{request.query}" if request.query else "")
         headers = {"Authorization": f"Bearer {call.grant}", "Accept-Encoding": "identity"}
         if request.accept:
             headers["Accept"] = request.accept
+        request_id = logs.request_id.get()
+        if request_id is not None:
+            headers["X-Request-ID"] = request_id
         upstream = await self._send(url, headers, call.site)
         answered = time.perf_counter()
         timing = (
             f"authorize;dur={(decided - started) * 1000:.2f}, "
             f"site;dur={(answered - decided) * 1000:.2f}"
         )
+        counted = BROKER_BYTES.labels(call.node)
         try:
             rewriter = None
             if call.rewrite and _media_type(upstream.headers.get("content-type")) in _JSON_TYPES:
@@ -534,14 +575,16 @@ class Broker:
                 raise UpstreamError(f"the {call.site} broke off its answer") from None
             if len(first) < CHUNK:
                 await upstream.aclose()
+                counted.inc(len(first))
                 body = rewriter.feed(first) + rewriter.flush() if rewriter else first
                 return Response(body, status_code=upstream.status_code, headers=passed)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await upstream.aclose()
             raise
-        return StreamingResponse(
-            _relay(first, chunks, upstream, rewriter, call.site),
+        counted.inc(len(first))
+        return _ClosingStream(
+            _relay(first, _counting(chunks, counted), upstream, rewriter, call.site),
             status_code=upstream.status_code,
             headers=passed,
         )
@@ -587,6 +630,7 @@ class Broker:
             url=holder.address.rstrip("/"),
             grant=self._grant(principal, request.study, request.action, decision, holder),
             rewrite=(holder.address.rstrip("/").encode(), self._dicomweb.encode()),
+            node=holder.node,
         )
 
     def _grant(
@@ -644,9 +688,14 @@ class Broker:
         """QIDO-RS ``/studies`` over every site: what the caller may find, merged."""
         accepts_json(accept)
         asked = parse_study_query(params)
-        page = await anyio.to_thread.run_sync(
-            self._search_page, principal, asked, _Context(query, reason, address)
-        )
+        close = self.streams.caller(principal.sub)
+        try:
+            return await self._search(principal, asked, _Context(query, reason, address))
+        finally:
+            close()
+
+    async def _search(self, principal: Principal, asked: StudyQuery, context: _Context) -> Response:
+        page = await anyio.to_thread.run_sync(self._search_page, principal, asked, context)
         answers: dict[int, list[dict[str, Any]]] = {}
         failed: dict[str, str] = {}
         limiter = anyio.CapacityLimiter(self._services.settings.broker_max_streams)
@@ -654,7 +703,11 @@ class Broker:
         async def ask(index: int, found: _Found) -> None:
             async with limiter:
                 try:
-                    answers[index] = await self._study_attributes(found, asked.includefields)
+                    close = self.streams.node(found.node, found.site)
+                    try:
+                        answers[index] = await self._study_attributes(found, asked.includefields)
+                    finally:
+                        close()
                 except ExchangeError as exc:
                     failed.setdefault(found.site, exc.message)
                     log.warning("a site left out of a study search", extra={"site": found.site})
@@ -735,7 +788,9 @@ class Broker:
                 page.studies.append(_Found(uid, "an unknown site", None, None))
                 continue
             grant = self._grant(principal, uid, "view", decision, holder)
-            page.studies.append(_Found(uid, _site(holder), holder.address.rstrip("/"), grant))
+            page.studies.append(
+                _Found(uid, _site(holder), holder.address.rstrip("/"), grant, holder.node)
+            )
         return page
 
     def _patients(
@@ -755,6 +810,9 @@ class Broker:
         params = [("StudyInstanceUID", found.uid), *(("includefield", f) for f in includefields)]
         url = f"{found.address}/studies?{urlencode(params)}"
         headers = {"Authorization": f"Bearer {found.grant}", "Accept": DICOM_JSON}
+        request_id = logs.request_id.get()
+        if request_id is not None:
+            headers["X-Request-ID"] = request_id
         try:
             response = await self._client.get(url, headers=headers)
         except httpx.TimeoutException:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import ssl
 import threading
 import time
 from collections import OrderedDict
@@ -162,6 +163,7 @@ class RegistryConsentSource:
         match: Literal["identifier", "id"] = "identifier",
         clock: Callable[[], float] = time.monotonic,
         transport: httpx.BaseTransport | None = None,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         if max_staleness_seconds < cache_seconds:
             raise ValueError("max_staleness_seconds must be at least cache_seconds")
@@ -183,6 +185,7 @@ class RegistryConsentSource:
             timeout=timeout,
             transport=transport,
             follow_redirects=False,
+            verify=verify,
         )
         self._timeout = timeout
         self._lock = threading.Lock()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,8 +26,10 @@ from exchange.hub.consents import (
     RegistryConsentSource,
     index_identifiers,
 )
+from exchange.migrations import ensure_schema
 from exchange.policy.engine import PolicyEngine, open_engine
 from exchange.security import devidp, keys
+from exchange.security.tls import client_context, requests_verify
 from exchange.security.tokens import (
     JwtValidator,
     KeyResolver,
@@ -152,7 +155,9 @@ def idp_issuer(settings: Settings) -> str:
     return f"{settings.base_url()}/idp"
 
 
-def _consent_source(settings: Settings, repository: Repository) -> ConsentSource:
+def _consent_source(
+    settings: Settings, repository: Repository, outgoing: ssl.SSLContext | None
+) -> ConsentSource:
     if settings.consent_source == "index":
         return IndexConsentSource(repository)
     assert settings.consent_registry_url is not None  # the settings validate this
@@ -164,6 +169,7 @@ def _consent_source(settings: Settings, repository: Repository) -> ConsentSource
         cache_seconds=settings.consent_cache_seconds,
         max_staleness_seconds=settings.consent_max_staleness_seconds,
         timeout=settings.consent_timeout_seconds,
+        verify=True if outgoing is None else outgoing,
     )
 
 
@@ -171,10 +177,12 @@ def build(settings: Settings) -> HubServices:
     data_dir = settings.data_path(SERVICE)
     data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.database(SERVICE), background_checkpoints=True)
+    ensure_schema(engine, "hub", auto_upgrade=settings.database_auto_upgrade)
     fhir_base = f"{settings.base_url()}/fhir"
     repository = SqlRepository(engine, local_base=fhir_base)
+    outgoing = client_context(settings)  # the hub's trust for IdPs and the consent registry
     resolvers: dict[str, KeyResolver] = {
-        trusted.issuer: issuer_resolver(trusted.issuer, trusted.jwks_uri)
+        trusted.issuer: issuer_resolver(trusted.issuer, trusted.jwks_uri, outgoing)
         for trusted in settings.issuers
     }
     idp = None
@@ -195,11 +203,12 @@ def build(settings: Settings) -> HubServices:
             settings.policy_dir,
             settings.opa_url,
             timeout=settings.opa_timeout_seconds,
+            verify=requests_verify(settings),
         ),
         grant_key=grant_key,
         tokens=JwtValidator(resolvers, settings.audience),
         idp=idp,
-        consents=_consent_source(settings, repository),
+        consents=_consent_source(settings, repository, outgoing),
         audit=AuditLog(engine, repository, grant_key, issuer=settings.base_url()),
         access_codes=AccessCodes(
             engine,

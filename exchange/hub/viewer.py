@@ -29,6 +29,7 @@ import binascii
 import html
 import json
 import secrets
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -124,9 +125,11 @@ def redirect_uri(base_url: str) -> str:
 class Launcher:
     """Builds authorize redirects and redeems codes for one hub (its base URL)."""
 
-    def __init__(self, base_url: str, client_id: str) -> None:
+    def __init__(self, base_url: str, client_id: str, verify: ssl.SSLContext | bool = True) -> None:
         self.base_url = base_url
         self.client_id = client_id
+        #: Trust for the hub's own HTTPS URLs (``tls_ca_file``): it calls its own endpoints.
+        self._verify = verify
         self._config: tuple[float, SmartConfiguration] | None = None
 
     async def configuration(self) -> SmartConfiguration:
@@ -135,7 +138,9 @@ class Launcher:
             return cached[1]
         url = f"{fhir_base(self.base_url)}/.well-known/smart-configuration"
         try:
-            async with httpx.AsyncClient(timeout=HTTP_TIMEOUT_SECONDS, trust_env=False) as http:
+            async with httpx.AsyncClient(
+                timeout=HTTP_TIMEOUT_SECONDS, trust_env=False, verify=self._verify
+            ) as http:
                 answer = await http.get(url)
             config = answer.json() if answer.status_code == 200 else {}
             found = SmartConfiguration(
@@ -204,7 +209,9 @@ class Launcher:
             "code_verifier": pending.verifier,
         }
         try:
-            async with httpx.AsyncClient(timeout=HTTP_TIMEOUT_SECONDS, trust_env=False) as http:
+            async with httpx.AsyncClient(
+                timeout=HTTP_TIMEOUT_SECONDS, trust_env=False, verify=self._verify
+            ) as http:
                 answer = await http.post(config.token_endpoint, data=form)
             token = answer.json()
         except (httpx.HTTPError, ValueError):

@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from exchange import __version__
+from exchange import __version__, metrics
 from exchange.config import Settings
 from exchange.node import services
 from exchange.node.routes import delete, outbox, qido, stow, wado
@@ -43,4 +43,9 @@ def create_app(settings: Settings) -> FastAPI:
             return settings.max_upload_bytes
         return settings.max_body_bytes
 
-    return finish(app, limit_for, built.checks)
+    def outbox_depth() -> None:
+        depth = built.outbox.depth()
+        metrics.OUTBOX_DEPTH.labels("pending").set(depth.pending)
+        metrics.OUTBOX_DEPTH.labels("failed").set(depth.failed)
+
+    return finish(app, limit_for, built.checks, settings=settings, refresh=[outbox_depth])

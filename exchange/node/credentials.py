@@ -17,6 +17,7 @@ from sqlmodel import Field, Session, SQLModel, col, select
 
 from exchange.config import Settings
 from exchange.errors import Forbidden, NotAuthenticated
+from exchange.migrations import ensure_schema
 from exchange.security.tokens import JwtValidator
 
 API_KEY_PREFIX = "exk_"
@@ -42,7 +43,7 @@ class Credentials:
         self._engine = engine
         self._tenants = settings.tenants
         self._tokens = tokens
-        SQLModel.metadata.create_all(engine, tables=[ApiKey.__table__])  # type: ignore[attr-defined]
+        ensure_schema(engine, "node")
 
     def create_api_key(self, tenant: str, label: str = "") -> str:
         if tenant not in self._tenants:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
 from fastapi import Depends, Header, Request
@@ -13,6 +13,7 @@ from exchange.errors import NotAuthenticated, NotFound, Unavailable
 from exchange.node.services import NodeServices
 from exchange.security.grants import Action, Grant
 from exchange.security.tokens import bearer_token
+from exchange.web.peer import require_hub_certificate
 
 
 def _services(request: Request) -> NodeServices:
@@ -44,14 +45,23 @@ class StudyAccess:
 
 
 async def authorize_study(
-    services: NodeServices, authorization: str | None, study: str, action: Action
+    services: NodeServices,
+    authorization: str | None,
+    study: str,
+    action: Action,
+    scope: Mapping[str, Any],
 ) -> StudyAccess:
-    """Check the hub grant for ``study``/``action`` and find the tenant holding the study."""
+    """Check the hub grant for ``study``/``action`` and find the tenant holding the study.
+
+    ``scope`` is the request's ASGI scope: with mutual TLS configured, a grant counts
+    only over a connection that presented the hub's client certificate.
+    """
     if services.grants is None:
         raise Unavailable("this node has no hub configured (EXCHANGE_HUB_URL); it serves no images")
+    settings = services.settings
+    require_hub_certificate(scope, settings.tls_client_ca_file, settings.tls_client_names)
     token = bearer_token(authorization)
     grant = await anyio.to_thread.run_sync(services.grants.verify, token, study, action)
-    settings = services.settings
     candidates = [
         t
         for t, cfg in settings.tenants.items()
@@ -69,9 +79,12 @@ async def authorize_study(
 
 def _grant(action: Action) -> Callable[..., Awaitable[StudyAccess]]:
     async def dependency(
-        study: str, services: Services, authorization: Annotated[str | None, Header()] = None
+        request: Request,
+        study: str,
+        services: Services,
+        authorization: Annotated[str | None, Header()] = None,
     ) -> StudyAccess:
-        return await authorize_study(services, authorization, study, action)
+        return await authorize_study(services, authorization, study, action, request.scope)
 
     return dependency
 

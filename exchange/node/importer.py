@@ -7,6 +7,7 @@ it. Nothing is silently dropped, and a re-run only reports "already present".
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import os
@@ -56,18 +57,31 @@ def _is_dicomdir(path: Path) -> bool:
 
 
 def _dicomdir_files(path: Path) -> Iterator[Path]:
+    """The files a DICOMDIR references, all inside its own folder (a hostile DICOMDIR
+    must not make the import read, and quarantine, files from elsewhere)."""
     try:
         directory = pydicom.dcmread(path)
+        references = [
+            [file_id] if isinstance(file_id, str) else [str(p) for p in file_id]
+            for record in directory.DirectoryRecordSequence
+            if (file_id := record.get("ReferencedFileID"))
+        ]
     except Exception as exc:
         raise ConfigurationError(
             f"{path} is not a readable DICOMDIR ({type(exc).__name__})"
         ) from None
     root = path.parent
-    for record in directory.DirectoryRecordSequence:
-        file_id = record.get("ReferencedFileID")
-        if file_id:
-            parts = [file_id] if isinstance(file_id, str) else list(file_id)
-            yield root.joinpath(*parts)
+    for parts in references:
+        if not all(_FILE_ID_COMPONENT.fullmatch(part) for part in parts):
+            raise ConfigurationError(
+                f"{path} references a file outside its folder or by an invalid name"
+            )
+        yield root.joinpath(*parts)
+
+
+#: A Referenced File ID component (PS3.10 8.2 allows A-Z, 0-9 and _; we accept any case
+#: and "-" or "." inside): never "..", a separator, a NUL or an absolute path.
+_FILE_ID_COMPONENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}")
 
 
 def collect(path: Path) -> list[Path]:
@@ -92,7 +106,9 @@ def _quarantine(directory: Path, source: Path, reason: str) -> None:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", source.name)[:80] or "file"
     target = directory / f"{stamp}-{safe}"
-    if source.exists():
+    # A source that cannot be copied (gone, a directory, a name too long) still gets its
+    # reason file: the report and the reason say why it was not imported.
+    with contextlib.suppress(OSError):
         shutil.copy2(source, target)
     target.with_name(target.name + ".reason.txt").write_text(
         f"source: {source}\nreason: {reason}\nat: {datetime.now(UTC).isoformat()}\n"

@@ -27,6 +27,7 @@ from sqlalchemy import select as sa_select
 from sqlalchemy import update as sa_update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from exchange.migrations import ensure_schema
 from exchange.node.catalog import OutboxRow, TenantSeal
 
 PUBLISH = "publish"
@@ -193,7 +194,7 @@ class Outbox:
     def __init__(self, engine: Engine, clock: Callable[[], float] = time.time) -> None:
         self._engine = engine
         self._clock = clock
-        TABLE.create(engine, checkfirst=True)
+        ensure_schema(engine, "node")
 
     # -- writing outside a store transaction -----------------------------------
     def enqueue(
@@ -300,6 +301,18 @@ class Outbox:
             if not updated:
                 self._release(connection, entry)
         return bool(updated)
+
+    def release_claims(self) -> int:
+        """Free every claim: called when the node's worker starts, since a claim left by a
+        process that was killed mid-delivery would otherwise hold its row back for up to
+        ``CLAIM_SECONDS``. Sending a row twice is harmless (a conditional update)."""
+        with self._engine.begin() as connection:
+            result = connection.execute(
+                sa_update(TABLE)
+                .where(TABLE.c.claimed_until.is_not(None))
+                .values(claimed_until=None)
+            )
+        return int(result.rowcount)
 
     @staticmethod
     def _release(connection: Connection, entry: Entry) -> None:

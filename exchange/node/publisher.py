@@ -26,6 +26,7 @@ import random
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
@@ -35,12 +36,14 @@ import httpx
 import jwt
 from sqlalchemy.exc import OperationalError
 
+from exchange import logs, metrics
 from exchange.config import Settings, TenantSettings
 from exchange.dicom import imagingstudy
 from exchange.errors import ConfigurationError
 from exchange.node import outbox
 from exchange.node.outbox import Entry, Outbox
 from exchange.node.store import InstanceStore
+from exchange.security.tls import httpx_verify
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +250,7 @@ class HubClient:
         if not settings.hub_url:
             raise ConfigurationError("publishing needs EXCHANGE_HUB_URL")
         self.base = f"{settings.hub_url}/fhir"
-        self._http = http or httpx.Client(timeout=HTTP_TIMEOUT)
+        self._http = http or httpx.Client(timeout=HTTP_TIMEOUT, verify=httpx_verify(settings))
         self._owns_http = http is None
         issuer = settings.issuers[0].issuer.rstrip("/") if settings.issuers else None
         sources: dict[_Credential, TokenSource] = {}
@@ -296,6 +299,9 @@ class HubClient:
                 headers["Content-Type"] = FHIR_JSON
             if minimal:
                 headers["Prefer"] = "return=minimal"
+            request_id = logs.request_id.get()
+            if request_id is not None:
+                headers["X-Request-ID"] = request_id
             try:
                 response = self._http.request(
                     method, url, params=params, json=body, headers=headers
@@ -399,6 +405,7 @@ class Publisher:
     def start(self) -> None:
         if self._thread is not None:
             return
+        self._outbox.release_claims()  # claims of a node killed mid-delivery
         self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name="outbox-publisher", daemon=True)
         self._thread.start()
@@ -436,7 +443,15 @@ class Publisher:
                 return 0.0
             if not self._outbox.claim(entry):
                 continue
-            if self.deliver(entry) is Result.RETRY:
+            # One request id per delivery: the node's log lines about it and the hub's
+            # about the calls it makes carry the same id.
+            token = logs.request_id.set(uuid.uuid4().hex[:16])
+            try:
+                result = self.deliver(entry)
+            finally:
+                logs.request_id.reset(token)
+            metrics.OUTBOX_DELIVERIES.labels(result.value).inc()
+            if result is Result.RETRY:
                 return max(0.0, self._paused_until - self._clock())
         upcoming = self._outbox.next_due()
         if upcoming is None:

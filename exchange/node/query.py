@@ -35,6 +35,8 @@ from exchange.node.store import InstanceStore, InstanceView
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
+#: The largest OFFSET SQL takes (a signed 64-bit integer).
+_MAX_OFFSET = 2**63 - 1
 #: Rows fetched per SQL round trip while filtering after unsealing.
 BATCH = 500
 
@@ -322,7 +324,8 @@ def parse(level: Level, params: Sequence[tuple[str, str]]) -> Search:
     if fuzzy not in ("true", "false"):
         raise BadRequest(f"fuzzymatching must be true or false (got {fuzzy!r})")
     limit = min(_integer("limit", grouped.pop("limit", [""])[-1], DEFAULT_LIMIT, 1), MAX_LIMIT)
-    offset = _integer("offset", grouped.pop("offset", [""])[-1], 0, 0)
+    # Beyond a 64-bit SQL integer there is nothing to skip to (and SQLite overflows).
+    offset = min(_integer("offset", grouped.pop("offset", [""])[-1], 0, 0), _MAX_OFFSET)
     include, include_all = _includes(grouped.pop("includefield", []))
     matches = []
     for keyword, values in grouped.items():

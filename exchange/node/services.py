@@ -9,6 +9,7 @@ from sqlalchemy import Engine
 
 from exchange.config import Settings
 from exchange.database import make_engine, ping
+from exchange.migrations import ensure_schema
 from exchange.node.credentials import Credentials
 from exchange.node.outbox import Outbox
 from exchange.node.publisher import HubClient, Publisher, publishing_configured
@@ -16,6 +17,7 @@ from exchange.node.storage import data_dir, open_keys, open_store, service_name
 from exchange.node.store import InstanceStore
 from exchange.security.grants import GrantVerifier
 from exchange.security.keystore import FileKeyStore
+from exchange.security.tls import client_context
 from exchange.security.tokens import JwtValidator, issuer_resolver, jwks_resolver
 from exchange.web.health import Check
 
@@ -58,17 +60,21 @@ class NodeServices:
 def build(settings: Settings) -> NodeServices:
     directory = data_dir(settings)
     engine = make_engine(settings.database(service_name(settings)))
+    ensure_schema(engine, "node", auto_upgrade=settings.database_auto_upgrade)
     keys = open_keys(settings, directory)
+    outgoing = client_context(settings)  # the node's trust for the hub and the IdP
     tokens = None
     if settings.issuers:
         tokens = JwtValidator(
-            {i.issuer: issuer_resolver(i.issuer, i.jwks_uri) for i in settings.issuers},
+            {i.issuer: issuer_resolver(i.issuer, i.jwks_uri, outgoing) for i in settings.issuers},
             settings.audience,
         )
     grants = None
     if settings.hub_url:
         grants = GrantVerifier(
-            settings.hub_url, settings.node_id, jwks_resolver(f"{settings.hub_url}{JWKS_PATH}")
+            settings.hub_url,
+            settings.node_id,
+            jwks_resolver(f"{settings.hub_url}{JWKS_PATH}", outgoing),
         )
     store = open_store(settings, directory, engine, keys)
     box = Outbox(engine)

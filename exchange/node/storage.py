@@ -7,11 +7,13 @@ the store the one same way.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from sqlalchemy import Engine
 
 from exchange.config import Settings
+from exchange.errors import ReadOnlyStorage
 from exchange.node.store import InstanceStore
 from exchange.security.keystore import FileKeyStore, master_key
 
@@ -21,8 +23,15 @@ def service_name(settings: Settings) -> str:
 
 
 def data_dir(settings: Settings) -> Path:
+    """The node's data directory, created if need be; refused at once if read-only, so
+    the node says why instead of failing later at its database or first instance."""
     path = settings.data_path(service_name(settings))
     path.mkdir(parents=True, exist_ok=True)
+    if not os.access(path, os.W_OK):  # EROFS also for root, whom permission bits let by
+        raise ReadOnlyStorage(
+            f"the node's data directory {path} is read-only or not writable; "
+            "the node stores its database, keys and instances there"
+        )
     return path
 
 

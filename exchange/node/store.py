@@ -40,7 +40,7 @@ from sqlalchemy import delete as sa_delete
 from sqlalchemy import insert as sa_insert
 from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, SQLModel, col, select
+from sqlmodel import Session, col, select
 
 from exchange.dicom.part10 import (
     PREAMBLE_LENGTH,
@@ -51,6 +51,7 @@ from exchange.dicom.part10 import (
     InvalidInstance,
     read_header,
 )
+from exchange.migrations import ensure_schema
 from exchange.node import outbox
 from exchange.node.catalog import InstanceRow, TenantSeal, dicom_json
 from exchange.security import envelope
@@ -147,7 +148,7 @@ class InstanceStore:
         #: Called after a commit that put work in the outbox (wakes the publishing worker).
         self.on_outbox: Callable[[], None] | None = None
         blob_dir.mkdir(parents=True, exist_ok=True)
-        SQLModel.metadata.create_all(engine, tables=[_TABLE, outbox.TABLE])
+        ensure_schema(engine, "node")
 
     def discard_incomplete(self, older_than_seconds: float = 3600) -> int:
         """Remove blobs a crash left half-written (never referenced by the index).

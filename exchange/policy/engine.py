@@ -238,7 +238,8 @@ class EmbeddedEngine:
 class ServerEngine:
     """A real OPA server reached over its REST Data API (``POST /v1/data/<rule>``)."""
 
-    def __init__(self, url: str, timeout: float = 2.0) -> None:
+    def __init__(self, url: str, timeout: float = 2.0, verify: str | bool = True) -> None:
+        """``verify``: for https, True (public CAs) or a CA bundle path (``tls_ca_file``)."""
         from urllib.parse import urlsplit
 
         from opa_client import OpaClient
@@ -253,7 +254,8 @@ class ServerEngine:
         self._client = OpaClient(
             host=parts.hostname,
             port=parts.port or (443 if parts.scheme == "https" else 80),
-            ssl=parts.scheme == "https",
+            # opa-python-client hands ``ssl`` to requests as ``verify`` (a bool or a CA path).
+            ssl=verify if parts.scheme == "https" else False,
             timeout=timeout,
             retries=0,  # a retry would only stretch the time to a fail-closed answer
         )
@@ -290,10 +292,15 @@ class ServerEngine:
 
 
 def open_engine(
-    kind: str, policy_dir: Path, opa_url: str | None, *, timeout: float = 2.0
+    kind: str,
+    policy_dir: Path,
+    opa_url: str | None,
+    *,
+    timeout: float = 2.0,
+    verify: str | bool = True,
 ) -> PolicyEngine:
     if kind == "server":
         if not opa_url:
             raise ConfigurationError("EXCHANGE_OPA_URL is required for the server policy engine")
-        return ServerEngine(opa_url, timeout=timeout)
+        return ServerEngine(opa_url, timeout=timeout, verify=verify)
     return EmbeddedEngine(policy_dir)

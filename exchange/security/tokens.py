@@ -7,6 +7,7 @@ expiry/not-before with a small leeway, and an algorithm allow-list (no
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from collections import OrderedDict
@@ -61,9 +62,14 @@ KeyResolver = Callable[[str], Any]
 """Given a token, return the key that verifies it (raises ``jwt.PyJWTError``)."""
 
 
-def jwks_resolver(jwks_uri: str) -> KeyResolver:
-    """Keys from a JWKS URL, cached, re-fetched when an unknown ``kid`` appears."""
-    client = PyJWKClient(jwks_uri, cache_keys=True, lifespan=300, timeout=5)
+def jwks_resolver(jwks_uri: str, ssl_context: ssl.SSLContext | None = None) -> KeyResolver:
+    """Keys from a JWKS URL, cached, re-fetched when an unknown ``kid`` appears.
+
+    ``ssl_context`` is the service's outgoing trust (``exchange.security.tls``).
+    """
+    client = PyJWKClient(
+        jwks_uri, cache_keys=True, lifespan=300, timeout=5, ssl_context=ssl_context
+    )
 
     def resolve(token: str) -> Any:
         return client.get_signing_key_from_jwt(token).key
@@ -71,19 +77,25 @@ def jwks_resolver(jwks_uri: str) -> KeyResolver:
     return resolve
 
 
-def issuer_resolver(issuer: str, jwks_uri: str | None = None) -> KeyResolver:
+def issuer_resolver(
+    issuer: str, jwks_uri: str | None = None, ssl_context: ssl.SSLContext | None = None
+) -> KeyResolver:
     """Keys of a trusted OIDC issuer: from ``jwks_uri`` if configured, else found through
     OIDC discovery on first use. An unreachable issuer is a key error (401), never a 500."""
     if jwks_uri:
-        return jwks_resolver(jwks_uri)
+        return jwks_resolver(jwks_uri, ssl_context)
     resolved: list[KeyResolver] = []
 
     def resolve(token: str) -> Any:
         if not resolved:
             try:
-                answer = httpx.get(f"{issuer}/.well-known/openid-configuration", timeout=5)
+                answer = httpx.get(
+                    f"{issuer}/.well-known/openid-configuration",
+                    timeout=5,
+                    verify=ssl_context if ssl_context is not None else True,
+                )
                 answer.raise_for_status()
-                resolved.append(jwks_resolver(str(answer.json()["jwks_uri"])))
+                resolved.append(jwks_resolver(str(answer.json()["jwks_uri"]), ssl_context))
             except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
                 raise jwt.PyJWKClientConnectionError(
                     f"OIDC discovery at {issuer} failed: {type(exc).__name__}"
@@ -136,7 +148,13 @@ class JwtValidator:
             raise NotAuthenticated("the token's signing key is unknown to its issuer") from None
         except jwt.PyJWTError:
             raise NotAuthenticated("the token's signature or claims are invalid") from None
+        except TypeError:  # PyJWT: an allowed algorithm of another key type than the issuer's
+            raise NotAuthenticated("the token's algorithm does not fit its issuer's key") from None
         return principal_from_claims(claims)
+
+
+#: Claims read into a ``Principal`` that are text when present.
+_OPTIONAL_TEXT_CLAIMS = ("org", "patient", "fhirUser", "jti")
 
 
 def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
@@ -146,6 +164,14 @@ def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
     purpose = claims.get("purpose_of_use") or ()
     if isinstance(purpose, str):
         purpose = (purpose,)
+    # Claims of other types than these would reach policy inputs and audit records as is.
+    if not (
+        isinstance(purpose, list | tuple)
+        and all(isinstance(p, str) for p in purpose)
+        and isinstance(claims.get("scope", ""), str)
+        and all(isinstance(claims.get(c), str | None) for c in _OPTIONAL_TEXT_CLAIMS)
+    ):
+        raise NotAuthenticated("the token's claims are not of the expected types")
     return Principal(
         sub=str(claims["sub"]),
         issuer=str(claims["iss"]),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,7 +21,7 @@ from fhir.resources.R4B.operationoutcome import OperationOutcome
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from exchange.errors import ExchangeError, Issue
+from exchange.errors import ExchangeError, Issue, storage_failure
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +41,28 @@ _STATUS_CODES = {
     415: "not-supported",
     422: "processing",
     429: "throttled",
+    503: "transient",
+    507: "transient",
 }
+
+
+#: Whitespace a FHIR ``string`` may not hold (it allows space, CR, LF and tab only).
+_ODD_SPACE = re.compile(r"[^\S \r\n\t]")
+
+
+def _text(value: str) -> str | None:
+    """``value`` as a FHIR string (an echoed client value may hold a form feed), or None."""
+    return _ODD_SPACE.sub(" ", value) or None
 
 
 def operation_outcome(
     message: str, code: str, severity: str = "error", issues: list[Issue] | None = None
 ) -> dict[str, Any]:
     entries: list[dict[str, Any]] = [
-        {"severity": issue.severity, "code": issue.code, "diagnostics": issue.diagnostics}
-        | ({"expression": [issue.expression]} if issue.expression else {})
+        {"severity": issue.severity, "code": issue.code, "diagnostics": _text(issue.diagnostics)}
+        | ({"expression": [_text(issue.expression)]} if issue.expression else {})
         for issue in issues or []
-    ] or [{"severity": severity, "code": code, "diagnostics": message}]
+    ] or [{"severity": severity, "code": code, "diagnostics": _text(message)}]
     outcome = OperationOutcome.model_validate(
         {"resourceType": "OperationOutcome", "issue": entries}
     )
@@ -136,6 +148,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
+        refused = storage_failure(exc)
+        if refused is not None:  # disk full or read-only: say so (507/503), not a bare 500
+            return await _exchange_error(request, refused)
         log.error("unexpected error", extra={"error": type(exc).__name__, "path": request.url.path})
         return error_response(
             request.url.path,

@@ -9,6 +9,7 @@ so the tests do not see each other's consents.
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ import httpx
 import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
-from requests import HTTPError
+from requests import HTTPError, Session
 
 from exchange.dicom.samples import StudySpec, write_study
 from exchange.federation import LocalFederation, NodeSpec
@@ -33,6 +34,8 @@ SITES = [
     NodeSpec(node_id="site-b", organization="org-b", tenant="tenant-b"),
 ]
 INDEX_WAIT_SECONDS = 20.0
+#: EXCHANGE_TEST_TLS=1: the same tests over HTTPS, nodes requiring the hub's client certificate.
+TLS = os.environ.get("EXCHANGE_TEST_TLS") == "1"
 FHIR = "application/fhir+json"
 
 
@@ -44,7 +47,7 @@ class Hub:
         self.url = federation.hub.url
         key = load_or_create(devidp.key_path(federation.hub.data_dir))
         self.idp = devidp.DevIdentityProvider(f"{self.url}/idp", key, "exchange")
-        self.http = httpx.Client(base_url=self.url, timeout=30)
+        self.http = federation.http(base_url=self.url, timeout=30)
 
     def token(
         self,
@@ -78,8 +81,13 @@ class Hub:
         return dict(response.json())
 
     def dicomweb(self, token: str, headers: dict[str, str] | None = None) -> DICOMwebClient:
+        session = Session()
+        if self.federation.tls:
+            session.trust_env = False  # else REQUESTS_CA_BUNDLE would override ``verify``
+            session.verify = str(self.federation.pki.ca.cert)
         return DICOMwebClient(
             url=f"{self.url}/dicomweb",
+            session=session,
             headers={"Authorization": f"Bearer {token}", **(headers or {})},
         )
 
@@ -148,7 +156,7 @@ EXPORT_PERMIT_ACTIONS = [
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
     root: Path = tmp_path_factory.mktemp("brokered")
-    with LocalFederation(root=root, nodes=SITES) as fed:
+    with LocalFederation(root=root, nodes=SITES, tls=TLS) as fed:
         yield fed
 
 
@@ -306,17 +314,20 @@ def test_node_accepts_only_live_grants_for_its_own_study(hub: Hub) -> None:
     node = federation.node("site-a").url
     path = f"{node}/dicomweb/studies/{uid}/metadata"
 
+    # As the hub calls nodes (over TLS: presenting the hub's client certificate).
+    http = federation.http(as_hub=True)
     user = hub.clinician("org-a")
-    assert httpx.get(path, headers={"Authorization": f"Bearer {user}"}).status_code == 401
+    assert http.get(path, headers={"Authorization": f"Bearer {user}"}).status_code == 401
     good = federation.grant("site-a", uid, "view")
-    assert httpx.get(path, headers={"Authorization": f"Bearer {good}"}).status_code == 200
+    assert http.get(path, headers={"Authorization": f"Bearer {good}"}).status_code == 200
     elsewhere = federation.grant("site-a", other_uid, "view")
-    assert httpx.get(path, headers={"Authorization": f"Bearer {elsewhere}"}).status_code == 403
+    assert http.get(path, headers={"Authorization": f"Bearer {elsewhere}"}).status_code == 403
     other_node = federation.grant("site-b", uid, "view")
-    assert httpx.get(path, headers={"Authorization": f"Bearer {other_node}"}).status_code == 401
+    assert http.get(path, headers={"Authorization": f"Bearer {other_node}"}).status_code == 401
     short = federation.grant("site-a", uid, "view", ttl=1)
     time.sleep(7)  # lifetime 1 s + the node's 5 s clock leeway
-    expired = httpx.get(path, headers={"Authorization": f"Bearer {short}"})
+    expired = http.get(path, headers={"Authorization": f"Bearer {short}"})
+    http.close()
     assert expired.status_code == 401
     assert "expired" in expired.text
 
@@ -547,7 +558,7 @@ def test_policy_engine_down_returns_no_study_and_no_byte(
         opa_url = opa.stdout.readline().strip()
         engine = {"EXCHANGE_POLICY_ENGINE": "server", "EXCHANGE_OPA_URL": opa_url}
         with LocalFederation(
-            root=tmp_path_factory.mktemp("policy-down"), nodes=SITES, hub_env=engine
+            root=tmp_path_factory.mktemp("policy-down"), nodes=SITES, hub_env=engine, tls=TLS
         ) as federation:
             hub = Hub(federation)
             uid, _ = import_study(federation, "site-a", "E2E-606")

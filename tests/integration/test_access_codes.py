@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -406,14 +405,20 @@ def test_the_hub_never_stores_or_logs_a_code_in_clear(world: World, federation: 
         for code in ISSUED
         for f in (code, code.replace("-", ""), code[10:], code[10:].replace("-", ""))
     ]
-    database = federation.hub.data_dir / "exchange.db"
+    from sqlalchemy import MetaData
+
+    from exchange.database import make_engine
+
     searched = 0
-    with sqlite3.connect(database) as conn:
-        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-        assert "access_code" in tables
-        for table in tables:
-            columns = [r[1] for r in conn.execute(f'PRAGMA table_info("{table}")')]
-            for row in conn.execute(f'SELECT * FROM "{table}"'):
+    # Every table of the hub's database, whichever it is (SQLite, or PostgreSQL in CI).
+    engine = make_engine(federation.database_url("hub"))
+    tables = MetaData()
+    tables.reflect(engine)
+    assert "access_code" in tables.tables
+    with engine.connect() as conn:
+        for table in tables.sorted_tables:
+            columns = [c.name for c in table.columns]
+            for row in conn.execute(table.select()):
                 for column, value in zip(columns, row, strict=True):
                     if isinstance(value, bytes):
                         value = value.decode("latin-1")
@@ -422,7 +427,8 @@ def test_the_hub_never_stores_or_logs_a_code_in_clear(world: World, federation: 
                     searched += 1
                     upper = value.upper()
                     leaked = [f for f in forms if f in upper]
-                    assert not leaked, f"{table}.{column} holds a code in clear"
+                    assert not leaked, f"{table.name}.{column} holds a code in clear"
+    engine.dispose()
     assert searched > 100
     log = federation.hub.log_path.read_text(errors="replace").upper()
     assert not [f for f in forms if f in log]

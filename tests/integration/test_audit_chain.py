@@ -151,7 +151,7 @@ def test_the_hub_serves_the_audit_trail_and_verify_passes(federation):
     assert out.startswith("audit chain intact: ")
 
     # The hub's own trail accepts records and stays verifiable beside whatever it wrote.
-    engine = make_engine(f"sqlite:///{hub.data_dir / 'exchange.db'}")
+    engine = make_engine(federation.database_url("hub"))
     log = AuditLog(
         engine,
         SqlRepository(engine),

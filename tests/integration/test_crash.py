@@ -61,6 +61,7 @@ def _node_settings(federation: LocalFederation):  # type: ignore[no-untyped-def]
         data_dir=Path(env["EXCHANGE_DATA_DIR"]),
         node_id=SPEC.node_id,
         tenants=json.loads(env["EXCHANGE_TENANTS"]),
+        database_url=env.get("EXCHANGE_DATABASE_URL"),
     )
 
 

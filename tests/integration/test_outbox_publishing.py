@@ -104,6 +104,7 @@ class Site:
             data_dir=Path(env["EXCHANGE_DATA_DIR"]),
             node_id=SPEC.node_id,
             tenants=json.loads(env["EXCHANGE_TENANTS"]),
+            database_url=env.get("EXCHANGE_DATABASE_URL"),
         )
 
     def outbox(self) -> Outbox:

@@ -124,6 +124,7 @@ def node_store(federation: LocalFederation, node_id: str) -> Iterator[InstanceSt
         data_dir=Path(env["EXCHANGE_DATA_DIR"]),
         node_id=node_id,
         tenants=json.loads(env["EXCHANGE_TENANTS"]),
+        database_url=env.get("EXCHANGE_DATABASE_URL"),
     )
     services = build(settings)
     try:

@@ -21,8 +21,9 @@ from exchange.hub.broker import StudyRequest, broker_of
 from exchange.hub.deps import CurrentPrincipal
 from exchange.security.grants import Action
 from exchange.uids import is_uid
+from exchange.web import openapi
 
-router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
+router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], default_response_class=Response)
 
 STUDY = "/studies/{study}"
 SERIES = STUDY + "/series/{series}"
@@ -103,7 +104,11 @@ def _study_route(template: str, action: Action) -> Callable[..., Awaitable[Respo
     return endpoint
 
 
-@router.get("/studies", summary="Search for studies across sites")
+@router.get(
+    "/studies",
+    summary="Search for studies across sites",
+    responses=openapi.dicomweb_ok("/studies"),
+)
 async def search_studies(
     request: Request,
     principal: CurrentPrincipal,
@@ -122,5 +127,11 @@ async def search_studies(
 
 for _template, _action, _summary in ROUTES:
     router.add_api_route(
-        _template, _study_route(_template, _action), methods=["GET"], summary=_summary
+        _template,
+        _study_route(_template, _action),
+        methods=["GET"],
+        summary=_summary,
+        responses=openapi.dicomweb_ok(_template),
+        # the endpoint reads request.path_params, so the document is told of them here
+        openapi_extra={"parameters": openapi.path_parameters(_template)},
     )

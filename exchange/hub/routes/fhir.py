@@ -34,16 +34,35 @@ from exchange.hub.services import HubServices
 from exchange.policy import decisions
 from exchange.security.scopes import permits, require
 from exchange.security.tokens import Principal
+from exchange.web import openapi
 from exchange.web.errors import FHIR_JSON
 
-router = APIRouter(prefix="/fhir", tags=["fhir"])
+# Every answer is a FHIR resource as application/fhir+json (web/openapi.py adds the errors).
+router = APIRouter(
+    prefix="/fhir",
+    tags=["fhir"],
+    default_response_class=Response,
+    responses=openapi.fhir_ok(200),
+)
 
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _JSON_TYPES = ("application/fhir+json", "application/json")
 _FORM = "application/x-www-form-urlencoded"
+#: The largest OFFSET SQL takes (a signed 64-bit integer).
+_MAX_OFFSET = 2**63 - 1
 #: SMART interaction letter -> the interaction the type-level policy is asked about
 #: (a search or a history read is a read to the policy).
 _POLICY_INTERACTIONS = {"c": "create", "r": "read", "u": "update", "d": "delete", "s": "read"}
+
+_RESOURCE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": openapi.content(FHIR_JSON, openapi.RESOURCE_SCHEMA),
+    }
+}
+_FORM_BODY = {
+    "requestBody": {"content": openapi.content(_FORM, {"type": "object"})},
+}
 
 
 def _served(resource_type: str) -> str:
@@ -269,7 +288,7 @@ async def search_get(
     return await _search(resource_type, items, request, services, principal)
 
 
-@router.post("/{resource_type}/_search")
+@router.post("/{resource_type}/_search", openapi_extra=_FORM_BODY)
 async def search_post(
     resource_type: ServedType, request: Request, services: Services, principal: CurrentPrincipal
 ) -> Response:
@@ -402,7 +421,7 @@ async def _audit_write(
     )
 
 
-@router.post("/{resource_type}")
+@router.post("/{resource_type}", responses=openapi.fhir_ok(200, 201), openapi_extra=_RESOURCE_BODY)
 async def create(
     resource_type: WritableType,
     request: Request,
@@ -434,7 +453,7 @@ async def create(
     return _written_response(written, request, base)
 
 
-@router.put("/{resource_type}")
+@router.put("/{resource_type}", responses=openapi.fhir_ok(200, 201), openapi_extra=_RESOURCE_BODY)
 async def conditional_update(
     resource_type: WritableType, request: Request, services: Services, principal: CurrentPrincipal
 ) -> Response:
@@ -457,7 +476,7 @@ async def conditional_update(
     return _written_response(written, request, base)
 
 
-@router.get("/{resource_type}/{rid}")
+@router.get("/{resource_type}/{rid}", responses={304: {"description": "Not Modified"}})
 async def read(
     resource_type: ServedType,
     rid: str,
@@ -484,7 +503,9 @@ async def read(
     return _fhir(stored.body, 200, headers)
 
 
-@router.put("/{resource_type}/{rid}")
+@router.put(
+    "/{resource_type}/{rid}", responses=openapi.fhir_ok(200, 201), openapi_extra=_RESOURCE_BODY
+)
 async def update(
     resource_type: WritableType,
     rid: str,
@@ -555,8 +576,8 @@ async def history(
         try:
             if key == "_count":
                 count = min(search.MAX_COUNT, max(1, int(value)))
-            elif key == "_offset":
-                offset = max(0, int(value))
+            elif key == "_offset":  # beyond a 64-bit SQL integer there is nothing anyway
+                offset = min(max(0, int(value)), _MAX_OFFSET)
             elif key not in ("_format", "_pretty"):
                 raise BadRequest(f"history parameter {key!r} is not supported (use _count)")
         except ValueError:

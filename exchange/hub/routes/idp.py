@@ -28,6 +28,7 @@ from exchange.security.devidp import (
     OAuthError,
     Persona,
 )
+from exchange.web import openapi
 
 router = APIRouter(tags=["development identity provider"])
 
@@ -129,7 +130,12 @@ def _sign_in_form(params: dict[str, str], error: str | None = None) -> HTMLRespo
     return _page("Development sign-in", body, 400 if error else 200)
 
 
-@router.get("/idp/authorize", response_model=None)
+@router.get(
+    "/idp/authorize",
+    response_model=None,
+    response_class=HTMLResponse,
+    responses=openapi.html_ok(200, 400) | {302: {"description": "Back to the client"}},
+)
 def authorize(request: Request, services: Services) -> Response:
     """SMART authorize: the sign-in form, or with ``dev_sub`` etc. an immediate redirect."""
     idp = _idp(services)
@@ -197,7 +203,14 @@ def _oauth_error(exc: OAuthError, basic: bool) -> JSONResponse:
     return JSONResponse(body, status_code=exc.status, headers=headers)
 
 
-@router.post("/idp/token", response_model=None)
+@router.post(
+    "/idp/token",
+    response_model=None,
+    responses=openapi.oauth_token_answers(),
+    openapi_extra=openapi.form_body(
+        "grant_type", "code", "redirect_uri", "client_id", "code_verifier", "scope"
+    ),
+)
 async def token(request: Request, services: Services) -> Response:
     """SMART token endpoint: authorization_code (public clients, PKCE) and client_credentials."""
     idp = _idp(services)

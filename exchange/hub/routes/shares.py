@@ -24,6 +24,7 @@ from exchange.fhir import resources
 from exchange.fhir.repository import Stored
 from exchange.hub import sharing
 from exchange.hub.deps import CurrentPrincipal, Services
+from exchange.web import openapi
 from exchange.web.errors import FHIR_JSON
 
 router = APIRouter(tags=["sharing"])
@@ -55,7 +56,18 @@ async def _parameters(request: Request) -> dict[str, Any]:
     return body
 
 
-@router.post("/fhir/ImagingStudy/{rid}/$share")
+@router.post(
+    "/fhir/ImagingStudy/{rid}/$share",
+    response_class=Response,
+    status_code=201,
+    responses=openapi.fhir_ok(201),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": openapi.content(FHIR_JSON, openapi.RESOURCE_SCHEMA),
+        }
+    },
+)
 async def share(
     rid: str, request: Request, services: Services, principal: CurrentPrincipal
 ) -> Response:
@@ -67,7 +79,7 @@ async def share(
     return _consent_response(stored, 201, services.settings.base_url())
 
 
-@router.post("/fhir/Consent/{rid}/$revoke")
+@router.post("/fhir/Consent/{rid}/$revoke", response_class=Response, responses=openapi.fhir_ok(200))
 async def revoke(
     rid: str, request: Request, services: Services, principal: CurrentPrincipal
 ) -> Response:

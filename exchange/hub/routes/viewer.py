@@ -26,6 +26,7 @@ from exchange.hub import viewer
 from exchange.hub.deps import Services
 from exchange.hub.services import HubServices
 from exchange.security.devidp import WARNING, Persona
+from exchange.security.tls import httpx_verify
 
 router = APIRouter(prefix="/viewer", tags=["viewer"], include_in_schema=False)
 
@@ -37,7 +38,9 @@ def _launcher(request: Request, services: HubServices) -> viewer.Launcher:
     launcher = getattr(request.app.state, "viewer_launcher", None)
     if not isinstance(launcher, viewer.Launcher):
         settings = services.settings
-        launcher = viewer.Launcher(settings.base_url(), settings.viewer_client_id)
+        launcher = viewer.Launcher(
+            settings.base_url(), settings.viewer_client_id, httpx_verify(settings)
+        )
         request.app.state.viewer_launcher = launcher
     return launcher
 

@@ -12,18 +12,23 @@ import re
 
 import anyio
 from fastapi import APIRouter
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from exchange.errors import BadRequest, NotFound
 from exchange.node.deps import Services, SiteTenant
+from exchange.web import openapi
 
-router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
+router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], default_response_class=Response)
 log = logging.getLogger(__name__)
 
 _UID = re.compile(r"[0-9][0-9.]{0,63}")
 
 
-@router.delete("/studies/{study}", summary="Delete a study and retract it from the hub")
+@router.delete(
+    "/studies/{study}",
+    summary="Delete a study and retract it from the hub",
+    responses=openapi.dicomweb_ok("/studies/{study}", "delete"),
+)
 async def delete_study(study: str, services: Services, tenant: SiteTenant) -> JSONResponse:
     if not _UID.fullmatch(study):
         raise BadRequest("the study in the URL is not a valid Study Instance UID")

@@ -21,8 +21,9 @@ from exchange.node import query
 from exchange.node.deps import Services, ViewAccess, authorize_study
 from exchange.node.routes.wado import DICOM_JSON, check_json_acceptable
 from exchange.security.grants import GRANT_TYPE
+from exchange.web import openapi
 
-router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
+router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], default_response_class=Response)
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,9 @@ async def _study_search_scope(
         )
         return SearchScope(tenant, None)
     # Verified in full (signature, issuer, audience, expiry) for the study it names.
-    access = await authorize_study(services, authorization, str(claims.get("study")), "view")
+    access = await authorize_study(
+        services, authorization, str(claims.get("study")), "view", request.scope
+    )
     asked = query.study_uids(list(request.query_params.multi_items()))
     if not asked:
         raise BadRequest(
@@ -103,7 +106,11 @@ async def _search(
 Accept = Annotated[str | None, Header()]
 
 
-@router.get("/studies", summary="Search for studies")
+@router.get(
+    "/studies",
+    summary="Search for studies",
+    responses=openapi.dicomweb_ok("/studies", "get"),
+)
 async def search_studies(
     request: Request, scope: StudySearchScope, services: Services, accept: Accept = None
 ) -> Response:
@@ -112,7 +119,11 @@ async def search_studies(
     )
 
 
-@router.get("/studies/{study}/series", summary="Search for a study's series")
+@router.get(
+    "/studies/{study}/series",
+    summary="Search for a study's series",
+    responses=openapi.dicomweb_ok("/studies/{study}/series", "get"),
+)
 async def search_series(
     request: Request, study: str, access: ViewAccess, services: Services, accept: Accept = None
 ) -> Response:
@@ -121,7 +132,11 @@ async def search_series(
     )
 
 
-@router.get("/studies/{study}/instances", summary="Search for a study's instances")
+@router.get(
+    "/studies/{study}/instances",
+    summary="Search for a study's instances",
+    responses=openapi.dicomweb_ok("/studies/{study}/instances", "get"),
+)
 async def search_study_instances(
     request: Request, study: str, access: ViewAccess, services: Services, accept: Accept = None
 ) -> Response:
@@ -130,7 +145,11 @@ async def search_study_instances(
     )
 
 
-@router.get("/studies/{study}/series/{series}/instances", summary="Search for a series' instances")
+@router.get(
+    "/studies/{study}/series/{series}/instances",
+    summary="Search for a series' instances",
+    responses=openapi.dicomweb_ok("/studies/{study}/series/{series}/instances", "get"),
+)
 async def search_series_instances(
     request: Request,
     study: str,

@@ -44,13 +44,14 @@ from exchange.dicom.part10 import (
     InvalidInstance,
     read_header,
 )
-from exchange.errors import BadRequest, UnsupportedMediaType
+from exchange.errors import BadRequest, Unavailable, UnsupportedMediaType, storage_failure
 from exchange.node.deps import Services, SiteTenant
 from exchange.node.services import NodeServices
 from exchange.node.storage import service_name
 from exchange.node.store import Outcome, StoreBatch, StoreResult
+from exchange.web import openapi
 
-router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
+router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], default_response_class=Response)
 log = logging.getLogger(__name__)
 
 DICOM = "application/dicom"
@@ -58,6 +59,8 @@ DICOM_JSON = "application/dicom+json"
 MULTIPART_RELATED = "multipart/related"
 #: dcm4chee's code for an instance that does not belong to the study in the URL.
 REASON_STUDY_MISMATCH = 0xC409
+#: PS3.4 "Refused: Out of Resources": the node's storage is full or read-only.
+REASON_OUT_OF_RESOURCES = 0xA700
 #: Body bytes handed to the parser at a time (DESIGN.md 3a: ~1 MiB chunks).
 BATCH_BYTES = 1024 * 1024
 #: Parts made durable and indexed together (one directory fsync, one transaction).
@@ -79,17 +82,27 @@ class Failure:
     sop_uid: str | None = None
     #: Our fault, not the instance's: logged, and makes an all-failed request a 500.
     internal: bool = False
+    #: Storage full (507) or read-only (503): the status of an all-failed request.
+    status: int | None = None
 
 
 PartResult = StoreResult | Failure
 
 
-@router.post("/studies", summary="Store instances (STOW-RS)")
+@router.post(
+    "/studies",
+    summary="Store instances (STOW-RS)",
+    responses=openapi.dicomweb_ok("/studies", "post"),
+)
 async def store_instances(request: Request, services: Services, tenant: SiteTenant) -> Response:
     return await _stow(request, services, tenant, None)
 
 
-@router.post("/studies/{study}", summary="Store instances of one study (STOW-RS)")
+@router.post(
+    "/studies/{study}",
+    summary="Store instances of one study (STOW-RS)",
+    responses=openapi.dicomweb_ok("/studies/{study}", "post"),
+)
 async def store_study_instances(
     study: str, request: Request, services: Services, tenant: SiteTenant
 ) -> Response:
@@ -186,6 +199,9 @@ def _settled(outcome: StoreResult | BaseException, sop_class: str, sop: str) -> 
         return outcome
     if isinstance(outcome, InvalidInstance):
         return Failure(outcome.reason, outcome.message, sop_class, sop)
+    refused = storage_failure(outcome)
+    if refused is not None:
+        return _out_of_resources(refused, sop_class, sop)
     if isinstance(outcome, Exception):
         _log_unexpected(outcome)
     message = "internal error storing this instance"
@@ -253,6 +269,9 @@ def _store_part(
         except InvalidInstance as exc:
             return Failure(exc.reason, exc.message, sop_class, sop)
         except Exception as exc:  # a bug or a broken disk/database: say so, keep the other parts
+            refused = storage_failure(exc)
+            if refused is not None:
+                return _out_of_resources(refused, sop_class, sop)
             _log_unexpected(exc)
             message = "internal error storing this instance"
             return Failure(REASON_PROCESSING_FAILURE, message, sop_class, sop, internal=True)
@@ -260,6 +279,13 @@ def _store_part(
     finally:
         if not handed_over:
             part.close()
+
+
+def _out_of_resources(refused: Unavailable, sop_class: str | None, sop: str | None) -> Failure:
+    """Storage full or read-only: the instance is refused whole (its blob removed), and
+    the client told to try later, not that it sent something wrong."""
+    log.warning("STOW-RS: storage refused a write", extra={"error": type(refused).__name__})
+    return Failure(REASON_OUT_OF_RESOURCES, refused.message, sop_class, sop, status=refused.status)
 
 
 def _log_unexpected(exc: Exception) -> None:
@@ -295,12 +321,16 @@ def _kept(results: list[PartResult]) -> str:
 
 
 def _status(results: list[PartResult]) -> int:
-    """PS3.18 Table 10.5.3-1: 200 all stored, 202 some, 409 none (500 if that was our fault)."""
+    """PS3.18 Table 10.5.3-1: 200 all stored, 202 some, 409 none (500 if that was our fault;
+    507 or 503 if storage was full or read-only)."""
     failures = [r for r in results if isinstance(r, Failure)]
     if not failures:
         return 200
     if len(failures) < len(results):
         return 202
+    storage = [f.status for f in failures if f.status is not None]
+    if storage:
+        return 503 if 503 in storage else storage[0]
     return 500 if any(f.internal for f in failures) else 409
 
 
