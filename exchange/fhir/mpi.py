@@ -114,7 +114,7 @@ class PatientIndex:
                         found[other] = Match(other, "certain", "same HIE identifier")
         names = body.get("name") or []
         family = (names[0].get("family") if names else None) or None
-        given = " ".join(names[0].get("given") or []) if names else ""
+        given = _given(names[0]) if names else ""
         birth, gender = body.get("birthDate"), body.get("gender")
         if family and given and birth and gender:
             items = [("family:exact", family), ("birthdate", birth), ("gender", gender)]
@@ -123,7 +123,7 @@ class PatientIndex:
                     continue
                 candidate = self._repository.read("Patient", other).body
                 other_names = candidate.get("name") or [{}]
-                if " ".join(other_names[0].get("given") or []) == given:
+                if _given(other_names[0]) == given:
                     found[other] = Match(other, "probable", "same name, birth date and gender")
         found.pop(rid, None)
         return list(found.values())
@@ -261,3 +261,9 @@ class PatientIndex:
         return Criterion(
             criterion.param, None, tuple(sp.RefValue("Patient", rid) for rid in everyone)
         )
+
+
+def _given(name: dict[str, Any]) -> str:
+    """A HumanName's given names as one string; FHIR JSON may carry ``null`` for a name
+    part that only has an extension (``_given``), which is no name to match on."""
+    return " ".join(part for part in name.get("given") or [] if isinstance(part, str))

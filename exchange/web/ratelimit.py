@@ -214,6 +214,8 @@ class RateLimitMiddleware:
         self.limiter = limiter
         self._refused: dict[str, int] = {}
         self._logged: dict[str, float] = {}
+        #: (FHIR path?, seconds to wait) -> the 429's raw headers and body.
+        self._answers: dict[tuple[bool, int], tuple[list[tuple[bytes, bytes]], bytes]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         limiter = self.limiter
@@ -254,20 +256,32 @@ class RateLimitMiddleware:
             )
             self._logged[bucket] = now
 
-    @staticmethod
-    async def _refuse(scope: Scope, receive: Receive, send: Send, wait: float) -> None:
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, wait: float) -> None:
         app = scope.get("app")
         state = getattr(app, "state", None)
         prefixes: tuple[str, ...] = getattr(state, "outcome_prefixes", (FHIR_PREFIX,))
         seconds = max(1, math.ceil(wait))
-        response = error_response(
-            scope["path"],
-            429,
-            f"too many requests from this client; try again in {seconds} s",
-            headers={"Retry-After": str(seconds)},
-            outcome_prefixes=prefixes,
-        )
-        await response(scope, receive, send)
+        path: str = scope["path"]
+        outcome = any(path == p or path.startswith(p + "/") for p in prefixes)
+        # A flood is mostly refusals: each answer is built once per kind and wait (a FHIR
+        # OperationOutcome is validated by its model, ~0.1 ms), then sent as it is.
+        answer = self._answers.get((outcome, seconds))
+        if answer is None:
+            response = error_response(
+                path,
+                429,
+                f"too many requests from this client; try again in {seconds} s",
+                headers={"Retry-After": str(seconds)},
+                outcome_prefixes=prefixes,
+            )
+            answer = (response.raw_headers, bytes(response.body))
+            if len(self._answers) >= 64:  # waits are seconds of a token or two: few kinds
+                self._answers.clear()
+            self._answers[(outcome, seconds)] = answer
+        headers, body = answer
+        # A fresh list each time: outer middleware appends to it (the request id).
+        await send({"type": "http.response.start", "status": 429, "headers": list(headers)})
+        await send({"type": "http.response.body", "body": body})
 
 
 def limiter_from(

@@ -415,3 +415,23 @@ def test_unknown_vr_in_the_file_meta_fails_only_its_stow_part(tmp_path: Path) ->
     answer = response.json()
     assert len(answer["00081198"]["Value"]) == 1
     assert len(answer["00081199"]["Value"]) == 1
+
+
+def test_patient_whose_given_names_include_null_is_stored_and_matched(hub: Hub) -> None:
+    """Defect: FHIR JSON may carry ``null`` in ``name.given`` (a part with only a ``_given``
+    extension); the master patient index joined the parts and raised TypeError, so the
+    write was stored but answered 500. Found by the long FHIR-write fuzzing run."""
+    body = {
+        "resourceType": "Patient",
+        "name": [{"family": "Regression", "given": [None, "Ada"]}],
+        "_name": None,
+        "birthDate": "1970-01-01",
+        "gender": "female",
+    }
+    body.pop("_name")
+    headers = {"Authorization": f"Bearer {hub.operator}", "Content-Type": "application/fhir+json"}
+    first = hub.client.post("/fhir/Patient", content=json.dumps(body), headers=headers)
+    assert first.status_code == 201, first.text
+    # A second one with the same name, birth date and gender goes through the matching path.
+    second = hub.client.post("/fhir/Patient", content=json.dumps(body), headers=headers)
+    assert second.status_code == 201, second.text

@@ -184,3 +184,15 @@ def test_a_node_limits_hub_grants_by_caller_not_by_grant():
     user = [(b"authorization", b"Bearer aaa.bbb.ccc")]
     assert _credential(user) == b"Bearer aaa.bbb.ccc"
     assert _credential([(b"x-api-key", b"k1")]) == b"k1"
+
+
+def test_repeated_refusals_are_the_same_answer(client: TestClient):
+    """The 429 is built once and reused: a later refusal must not carry headers left on it
+    by an earlier one (the request id is added to each answer on its way out)."""
+    headers = {"Authorization": "Bearer another"}
+    codes = [client.get("/dicomweb/studies/1.2.3", headers=headers) for _ in range(5)]
+    refused = [c for c in codes if c.status_code == 429]
+    assert len(refused) >= 2
+    assert [len(c.headers.get_list("x-request-id")) for c in refused] == [1] * len(refused)
+    assert len({len(c.headers.raw) for c in refused}) == 1
+    assert refused[0].content == refused[-1].content
