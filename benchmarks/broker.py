@@ -29,7 +29,6 @@ added per small request. Exit status is 0 whether or not they are met.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import platform
 import statistics
@@ -37,20 +36,19 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pydicom
 
-from exchange.dicom import imagingstudy
-from exchange.dicom.samples import StudySpec, study
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.studies import publish
+from exchange.dicom.samples import StudySpec
 from exchange.federation import LocalFederation, NodeSpec, free_port
-from exchange.security.devidp import DevIdentityProvider, key_path
-from exchange.security.keys import load_or_create
 
 MB = 1_000_000
 MiB = 1024 * 1024
@@ -110,93 +108,27 @@ class Setup:
     token: str
 
 
-def _part10(ds: pydicom.Dataset) -> bytes:
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
-def _stow(url: str, key: str, files: list[bytes]) -> None:
-    boundary = uuid.uuid4().hex
-    body = (
-        b"".join(
-            f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + f + b"\r\n"
-            for f in files
-        )
-        + f"--{boundary}--\r\n".encode()
-    )
-    response = httpx.post(
-        f"{url}/dicomweb/studies",
-        content=body,
-        headers={
-            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-            "X-API-Key": key,
-        },
-        timeout=300,
-    )
-    response.raise_for_status()
-
-
 def set_up(root: Path, slices: int, size: int) -> Setup:
     federation = LocalFederation(root=root, nodes=[SITE], publishing=False).start()
-    hub = federation.hub.url
-    node = federation.node(SITE.node_id).url
-    idp = DevIdentityProvider(
-        f"{hub}/idp", load_or_create(key_path(federation.hub.data_dir)), "exchange"
+    spec = StudySpec(
+        patient_id="BENCH-1",
+        patient_name="Bench^Broker",
+        accession="BENCH-BROKER-1",
+        slices=slices,
+        size=size,
     )
-    system = idp.issue(sub=SITE.node_id, role="system", org=SITE.organization)
-    headers = {"Authorization": f"Bearer {system}", "Content-Type": "application/fhir+json"}
-    endpoint = {
-        "resourceType": "Endpoint",
-        "identifier": [{"system": "urn:exchange:node", "value": SITE.node_id}],
-        "status": "active",
-        "connectionType": {
-            "system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type",
-            "code": "dicom-wado-rs",
-        },
-        "managingOrganization": {"reference": f"Organization/{SITE.organization}"},
-        "payloadType": [{"text": "DICOM"}],
-        "address": f"{node}/dicomweb",
-    }
-    with httpx.Client(base_url=f"{hub}/fhir", headers=headers, timeout=60) as fhir:
-        fhir.put(f"/Endpoint/{SITE.node_id}", json=endpoint).raise_for_status()
-        datasets = study(
-            StudySpec(
-                patient_id="BENCH-1",
-                patient_name="Bench^Broker",
-                accession="BENCH-BROKER-1",
-                slices=slices,
-                size=size,
-            )
-        )
-        files = [_part10(ds) for ds in datasets]
-        _stow(node, federation.api_key(SITE.node_id), files)
-        attributes = [ds.to_json_dict() for ds in datasets]
-        mrn_system = f"urn:exchange:{SITE.organization}:mrn"
-        patient = imagingstudy.patient(
-            attributes[0], mrn_system=mrn_system, organization=SITE.organization
-        )
-        made = fhir.put(f"/Patient?identifier={mrn_system}|BENCH-1", json=patient)
-        made.raise_for_status()
-        body = imagingstudy.build(
-            attributes,
-            endpoint=f"Endpoint/{SITE.node_id}",
-            mrn_system=mrn_system,
-            patient_reference=f"Patient/{made.json()['id']}",
-        )
-        uid = str(datasets[0].StudyInstanceUID)
-        fhir.put(
-            f"/ImagingStudy?identifier=urn:dicom:uid|urn:oid:{uid}", json=body
-        ).raise_for_status()
-    token = idp.issue(sub="dr-bench", role="clinician", org=SITE.organization, purpose=["TREAT"])
+    published = publish(federation, SITE, spec)
+    first = published.datasets[0]
     return Setup(
         federation=federation,
-        uid=uid,
-        series=str(datasets[0].SeriesInstanceUID),
-        sop=str(datasets[0].SOPInstanceUID),
-        instances=len(files),
-        study_bytes=sum(len(f) for f in files),
-        token=token,
+        uid=published.uid,
+        series=str(first.SeriesInstanceUID),
+        sop=str(first.SOPInstanceUID),
+        instances=len(published.files),
+        study_bytes=sum(len(f) for f in published.files),
+        token=published.idp.issue(
+            sub="dr-bench", role="clinician", org=SITE.organization, purpose=["TREAT"]
+        ),
     )
 
 

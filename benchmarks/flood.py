@@ -30,25 +30,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import multiprocessing
 import os
+import sys
 import tempfile
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pydicom
 
-from exchange.dicom import imagingstudy
-from exchange.dicom.samples import StudySpec, study
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.studies import publish
+from exchange.dicom.samples import StudySpec
 from exchange.federation import LocalFederation, NodeSpec
-from exchange.security.devidp import DevIdentityProvider, key_path
-from exchange.security.keys import load_or_create
+from exchange.security.devidp import DevIdentityProvider
 
 SITE = NodeSpec(node_id="site-a", organization="org-a", tenant="tenant-a")
 RATIO_TARGET = 2.0
@@ -87,30 +87,6 @@ class World:
         return self.idp.issue(sub=sub, role="clinician", org=SITE.organization, purpose=["TREAT"])
 
 
-def _part10(ds: pydicom.Dataset) -> bytes:
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
-def _stow(url: str, key: str, files: list[bytes]) -> None:
-    boundary = uuid.uuid4().hex
-    parts = b"".join(
-        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + f + b"\r\n"
-        for f in files
-    )
-    response = httpx.post(
-        f"{url}/dicomweb/studies",
-        content=parts + f"--{boundary}--\r\n".encode(),
-        headers={
-            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-            "X-API-Key": key,
-        },
-        timeout=120,
-    )
-    response.raise_for_status()
-
-
 def set_up(root: Path, hub_env: dict[str, str], node_env: dict[str, str] | None = None) -> World:
     """A hub and one node (publishing off) holding one small published study."""
     federation = LocalFederation(
@@ -124,25 +100,6 @@ def set_up(root: Path, hub_env: dict[str, str], node_env: dict[str, str] | None 
 
 
 def _publish(federation: LocalFederation) -> World:
-    hub = federation.hub.url
-    node = federation.node(SITE.node_id).url
-    idp = DevIdentityProvider(
-        f"{hub}/idp", load_or_create(key_path(federation.hub.data_dir)), "exchange"
-    )
-    system = idp.issue(sub=SITE.node_id, role="system", org=SITE.organization)
-    headers = {"Authorization": f"Bearer {system}", "Content-Type": "application/fhir+json"}
-    endpoint = {
-        "resourceType": "Endpoint",
-        "identifier": [{"system": "urn:exchange:node", "value": SITE.node_id}],
-        "status": "active",
-        "connectionType": {
-            "system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type",
-            "code": "dicom-wado-rs",
-        },
-        "managingOrganization": {"reference": f"Organization/{SITE.organization}"},
-        "payloadType": [{"text": "DICOM"}],
-        "address": f"{node}/dicomweb",
-    }
     spec = StudySpec(
         patient_id="FLOOD-1",
         patient_name="Flood^Steady",
@@ -150,33 +107,14 @@ def _publish(federation: LocalFederation) -> World:
         slices=2,
         size=64,
     )
-    with httpx.Client(base_url=f"{hub}/fhir", headers=headers, timeout=60) as fhir:
-        fhir.put(f"/Endpoint/{SITE.node_id}", json=endpoint).raise_for_status()
-        datasets = study(spec)
-        _stow(node, federation.api_key(SITE.node_id), [_part10(ds) for ds in datasets])
-        attributes = [ds.to_json_dict() for ds in datasets]
-        mrn_system = f"urn:exchange:{SITE.organization}:mrn"
-        patient = imagingstudy.patient(
-            attributes[0], mrn_system=mrn_system, organization=SITE.organization
-        )
-        made = fhir.put(f"/Patient?identifier={mrn_system}|{spec.patient_id}", json=patient)
-        made.raise_for_status()
-        body = imagingstudy.build(
-            attributes,
-            endpoint=f"Endpoint/{SITE.node_id}",
-            mrn_system=mrn_system,
-            patient_reference=f"Patient/{made.json()['id']}",
-        )
-        uid = str(datasets[0].StudyInstanceUID)
-        fhir.put(
-            f"/ImagingStudy?identifier=urn:dicom:uid|urn:oid:{uid}", json=body
-        ).raise_for_status()
+    published = publish(federation, SITE, spec)
+    first = published.datasets[0]
     return World(
         federation,
-        idp,
-        uid,
-        str(datasets[0].SeriesInstanceUID),
-        str(datasets[0].SOPInstanceUID),
+        published.idp,
+        published.uid,
+        str(first.SeriesInstanceUID),
+        str(first.SOPInstanceUID),
         spec.patient_id,
         spec.patient_name,
     )

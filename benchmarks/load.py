@@ -25,21 +25,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
 import os
 import platform
 import shutil
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
-import pydicom
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `tests` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -52,6 +49,7 @@ from benchmarks.ingest import (
     orthanc_version,
     running_orthanc,
 )
+from benchmarks.studies import multipart, part10
 from exchange.dicom.samples import StudySpec, study
 from exchange.federation import LocalFederation, NodeSpec
 from exchange.security.devidp import DevIdentityProvider, key_path
@@ -101,12 +99,6 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def _part10(ds: pydicom.Dataset) -> bytes:
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
 def make_studies(per_site: int, slices: int, size: int) -> list[Study]:
     studies = []
     for site in SITES:
@@ -126,22 +118,10 @@ def make_studies(per_site: int, slices: int, size: int) -> list[Study]:
                     str(first.SeriesInstanceUID),
                     str(first.SOPInstanceUID),
                     site.node_id,
-                    tuple(_part10(ds) for ds in datasets),
+                    tuple(part10(ds) for ds in datasets),
                 )
             )
     return studies
-
-
-def multipart(files: tuple[bytes, ...]) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    body = (
-        b"".join(
-            f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + f + b"\r\n"
-            for f in files
-        )
-        + f"--{boundary}--\r\n".encode()
-    )
-    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
 
 
 # -- the viewer -----------------------------------------------------------------------------
